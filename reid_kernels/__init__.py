@@ -1,0 +1,24 @@
+"""reid_kernels: fused CPU/CUDA kernels, retrieval and evaluation for visible-infrared person ReID.
+
+Public operators (each has a plain-PyTorch twin in :mod:`reid_kernels.reference`):
+
+* :func:`person_mask`, :func:`soft_warp`, :func:`cmalign` -- LbA's CMAlign (seed 001);
+* :func:`lba_pairs` -- LbA's positive/negative partners within a batch.
+"""
+from . import reference
+from ._extension import extension_available, has_cuda_kernels
+from .cmalign import CMAlignOutput, cmalign, person_mask, soft_warp
+from .pairs import lba_pairs
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CMAlignOutput",
+    "cmalign",
+    "extension_available",
+    "has_cuda_kernels",
+    "lba_pairs",
+    "person_mask",
+    "reference",
+    "soft_warp",
+]

@@ -1,0 +1,134 @@
+"""Plain-PyTorch definitions of every reid_kernels operator.
+
+Written for clarity, not speed: each function is the oracle the kernels are
+tested against and the baseline the benchmarks measure.  Equation numbers
+refer to the papers in ``shared/seeds`` (see ``ALGORITHMS.md``).
+
+Conventions shared with the kernels:
+
+* cosine similarity normalises with ``x / max(||x||_2, 1e-12)`` (as
+  ``torch.nn.functional.normalize``), so an all-zero feature vector has cosine
+  0 with everything;
+* min-max normalisation divides by ``(max - min) + 1e-12`` and is computed in
+  float32 (the LbA code's guard), so a constant map normalises to all zeros;
+* masks and co-attention maps carry no gradient (LbA code detaches them).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+MINMAX_EPS = 1e-12
+
+
+class CMAlignOutput(NamedTuple):
+    """What :func:`cmalign` returns.
+
+    recon_pos, recon_neg: (N, C, H, W) anchors rebuilt from their positive /
+    negative partners (eq. 3); comask: (N, H, W) co-attention of each anchor
+    with its positive partner (eq. 9), detached; loss: scalar dense triplet
+    loss (eqs. 10-11).
+    """
+
+    recon_pos: torch.Tensor
+    recon_neg: torch.Tensor
+    comask: torch.Tensor
+    loss: torch.Tensor
+
+
+def minmax_normalize(x: torch.Tensor) -> torch.Tensor:
+    """Per-sample min-max normalisation over all but the first dim, in float32."""
+    flat = x.detach().float().flatten(1)
+    lo = flat.min(dim=1, keepdim=True).values
+    hi = flat.max(dim=1, keepdim=True).values
+    return ((flat - lo) / (hi - lo + MINMAX_EPS)).view(x.shape).to(x.dtype)
+
+
+def person_mask(feat: torch.Tensor) -> torch.Tensor:
+    """LbA eqs. 5-7: min-max normalised L2 norm over channels. (N, C, H, W) -> (N, H, W)."""
+    norms = torch.linalg.vector_norm(feat.detach().float(), dim=1)  # eq. 5
+    return minmax_normalize(norms).to(feat.dtype)  # eqs. 6-7
+
+
+def matching_probability(query: torch.Tensor, key: torch.Tensor, temperature: float) -> torch.Tensor:
+    """LbA eqs. 1-2: softmax over key positions of temperature * cosine similarity.
+
+    query (N, C, H, W), key (N, C, H2, W2) -> (N, H*W, H2*W2).
+    """
+    q = F.normalize(query.flatten(2), dim=1)
+    k = F.normalize(key.flatten(2), dim=1)
+    similarity = torch.einsum("ncp,ncq->npq", q, k)  # eq. 1
+    return torch.softmax(temperature * similarity, dim=-1)  # eq. 2
+
+
+def warp_with(prob: torch.Tensor, value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """LbA eq. 4: W(value)(p) = sum_q prob[p, q] value[:, q], shaped as ``like``'s map."""
+    out = torch.einsum("npq,ncq->ncp", prob, value.flatten(2))
+    return out.view(value.shape[0], value.shape[1], *like.shape[2:])
+
+
+def soft_warp(
+    query: torch.Tensor, key: torch.Tensor, value: Optional[torch.Tensor] = None, temperature: float = 50.0
+) -> torch.Tensor:
+    """LbA eqs. 1, 2, 4: warp ``value`` (default ``key``) onto the query's grid. -> (N, Cv, H, W)."""
+    value = key if value is None else value
+    return warp_with(matching_probability(query, key, temperature), value, query)
+
+
+def reconstruct(feat: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """LbA eq. 3: warped features inside the person (mask ~ 1), the anchor's own outside."""
+    m = mask.unsqueeze(1)
+    return m * warped + (1 - m) * feat
+
+
+def masked_dense_triplet(
+    anchor: torch.Tensor,
+    positive: torch.Tensor,
+    negative: torch.Tensor,
+    weight: torch.Tensor,
+    margin: float = 0.3,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """LbA eqs. 10-11: weight * [||a - p||_2 - ||a - n||_2 + margin]_+ per position.
+
+    Distances are over channels (dim 1) of (N, C, H, W) maps; weight is (N, H, W).
+    ``torch.linalg.vector_norm`` has gradient 0 where a distance is 0.
+    """
+    d_pos = torch.linalg.vector_norm(anchor - positive, dim=1)
+    d_neg = torch.linalg.vector_norm(anchor - negative, dim=1)
+    per_position = weight * torch.clamp(d_pos - d_neg + margin, min=0)
+    if reduction == "mean":
+        return per_position.mean()
+    if reduction == "sum":
+        return per_position.sum()
+    if reduction == "none":
+        return per_position
+    raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def cmalign(
+    feat: torch.Tensor,
+    pos_idx: torch.Tensor,
+    neg_idx: torch.Tensor,
+    temperature: float = 50.0,
+    margin: float = 0.3,
+) -> CMAlignOutput:
+    """LbA's CMAlign on a batch of feature maps (eqs. 1-11).
+
+    Anchor ``i`` is aligned with ``feat[pos_idx[i]]`` and ``feat[neg_idx[i]]``.
+    """
+    mask = person_mask(feat)  # eqs. 5-7, detached
+
+    prob_pos = matching_probability(feat, feat[pos_idx], temperature)  # eqs. 1-2
+    prob_neg = matching_probability(feat, feat[neg_idx], temperature)
+    recon_pos = reconstruct(feat, warp_with(prob_pos, feat[pos_idx], feat), mask)  # eqs. 3-4
+    recon_neg = reconstruct(feat, warp_with(prob_neg, feat[neg_idx], feat), mask)
+
+    # eq. 9: co-attention = own mask x partner's mask warped by the positive probabilities.
+    warped_partner_mask = warp_with(prob_pos.detach(), mask[pos_idx].unsqueeze(1), feat).squeeze(1)
+    comask = minmax_normalize(mask * warped_partner_mask)
+
+    loss = masked_dense_triplet(feat, recon_pos, recon_neg, comask, margin)  # eqs. 10-11
+    return CMAlignOutput(recon_pos, recon_neg, comask, loss)

@@ -1,0 +1,124 @@
+"""Build of reid_kernels and its one compiled extension, ``reid_kernels._C``.
+
+The C++ (CPU) kernels are always compiled.  The CUDA kernels are compiled
+when CUDA is usable -- torch was built with CUDA and a CUDA toolkit (nvcc) is
+found -- or when ``FORCE_CUDA=1`` (torchvision's convention).
+``REID_KERNELS_NO_CUDA=1`` skips them even when CUDA is usable.
+
+Install without build isolation so pip reuses the torch you already have
+instead of resolving (and downloading) a new one::
+
+    pip install --no-build-isolation .
+"""
+import glob
+import os
+import re
+import shutil
+import site
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _toolkit_behind(nvcc):
+    """The CUDA toolkit root that an ``nvcc`` on PATH belongs to.
+
+    Some machines put a two-line wrapper script ``exec /usr/local/cuda-X/bin/nvcc "$@"``
+    on PATH; torch would then guess the wrapper's parent directory as CUDA_HOME.
+    """
+    real = os.path.realpath(nvcc)
+    home = os.path.dirname(os.path.dirname(real))
+    if os.path.exists(os.path.join(home, "include", "cuda.h")):
+        return home
+    try:
+        with open(real, "r", errors="ignore") as f:
+            text = f.read(4096)
+    except OSError:
+        return None
+    match = re.search(r"(/\S+)/bin/nvcc\b", text)
+    if match and os.path.exists(os.path.join(match.group(1), "include", "cuda.h")):
+        return match.group(1)
+    return None
+
+
+def _find_cuda_home():
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        home = _toolkit_behind(nvcc)
+        if home:
+            return home
+    if os.path.exists("/usr/local/cuda/include/cuda.h"):
+        return "/usr/local/cuda"
+    return None
+
+
+# torch.utils.cpp_extension reads CUDA_HOME when it is imported: settle it first.
+_cuda_home = _find_cuda_home()
+if _cuda_home:
+    os.environ["CUDA_HOME"] = _cuda_home
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def _want_cuda():
+    if os.environ.get("REID_KERNELS_NO_CUDA", "0") == "1":
+        return False
+    if os.environ.get("FORCE_CUDA", "0") == "1":
+        return True
+    return torch.version.cuda is not None and _cuda_home is not None
+
+
+def _pip_cuda_include_dirs():
+    """Headers of the pip CUDA wheels (cuBLAS, cuSPARSE, ...) that torch's CUDA headers include."""
+    dirs = []
+    for base in site.getsitepackages() + [site.getusersitepackages()]:
+        dirs += sorted(glob.glob(os.path.join(base, "nvidia", "cu*", "include")))
+        dirs += sorted(glob.glob(os.path.join(base, "nvidia", "*", "include")))
+    return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
+
+
+def _extension():
+    cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*", "*.cpp")))
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "*", "*.cu")))
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    extra_link = ["-fopenmp"]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if not _want_cuda():
+        return CppExtension(
+            "reid_kernels._C",
+            cpp_sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=extra_link,
+        )
+    # Ampere (A100) and Hopper (H100/H200) unless the user says otherwise.
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.6;9.0")
+    nvcc_flags = ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"]
+    return CUDAExtension(
+        "reid_kernels._C",
+        cpp_sources + cuda_sources,
+        include_dirs=include_dirs + _pip_cuda_include_dirs(),
+        define_macros=[("WITH_CUDA", None)],
+        extra_compile_args={"cxx": cxx_flags + ["-DWITH_CUDA"], "nvcc": nvcc_flags},
+        extra_link_args=extra_link,
+    )
+
+
+setup(
+    name="reid_kernels",
+    version="0.1.0",
+    description="Fused CPU/CUDA kernels, retrieval and evaluation for visible-infrared person re-identification",
+    packages=find_packages(include=["reid_kernels", "reid_kernels.*", "training", "training.*"]),
+    package_data={"training": ["configs/*.yaml"]},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "numpy", "scipy", "pyyaml", "tqdm", "pillow"],
+    extras_require={"test": ["pytest"], "faiss": ["faiss-cpu"]},
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)},
+    zip_safe=False,
+)
