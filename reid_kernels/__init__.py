@@ -3,11 +3,15 @@
 Public operators (each has a plain-PyTorch twin in :mod:`reid_kernels.reference`):
 
 * :func:`person_mask`, :func:`soft_warp`, :func:`cmalign` -- LbA's CMAlign (seed 001);
-* :func:`lba_pairs` -- LbA's positive/negative partners within a batch.
+* :func:`lba_pairs` -- LbA's positive/negative partners within a batch;
+* :func:`masked_dense_triplet` -- LbA's dense triplet loss (eqs. 10-11);
+* :func:`memory_update_` -- momentum update of class-memory banks (seeds 002, 004).
 """
 from . import reference
 from ._extension import extension_available, has_cuda_kernels
 from .cmalign import CMAlignOutput, cmalign, person_mask, soft_warp
+from .dense_triplet import masked_dense_triplet
+from .memory import memory_update_
 from .pairs import lba_pairs
 
 __version__ = "0.1.0"
@@ -18,6 +22,8 @@ __all__ = [
     "extension_available",
     "has_cuda_kernels",
     "lba_pairs",
+    "masked_dense_triplet",
+    "memory_update_",
     "person_mask",
     "reference",
     "soft_warp",

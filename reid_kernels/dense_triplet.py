@@ -1,2 +1,77 @@
-"""Masked dense triplet loss (placeholder: forwards to the reference until the kernels land)."""
-from .reference import masked_dense_triplet  # noqa: F401
+"""Masked dense triplet loss (LbA eqs. 10-11) as one fused CPU/CUDA operator."""
+from __future__ import annotations
+
+import torch
+
+from . import _ops  # noqa: F401  (autograd and fake registrations)
+from ._extension import require_backend_for
+from ._validate import check_finite_float, check_same_device, check_same_dtype, check_tensor
+
+REDUCTIONS = ("mean", "sum", "none")
+_CPU_DTYPES = (torch.float32, torch.float64)
+_CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def masked_dense_triplet(
+    anchor: torch.Tensor,
+    positive: torch.Tensor,
+    negative: torch.Tensor,
+    weight: torch.Tensor,
+    margin: float = 0.3,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """LbA eqs. 10-11: ``weight * [||a - p||_2 - ||a - n||_2 + margin]_+`` at every position.
+
+    Args:
+        anchor, positive, negative: ``(N, C, H, W)`` feature maps (or ``(N, C, L)``); distances
+            are L2 over the channel axis at each position.  float32/float64 on the CPU,
+            float32/float16/bfloat16/float64 on CUDA (float32 accumulation for the half types).
+        weight: ``(N, H, W)`` (or ``(N, L)``) per-position weight, same dtype -- LbA's co-attention of
+            each anchor with its positive partner (eq. 9, each anchor by its own map).  It is a
+            constant: it receives NO gradient (LbA detaches the co-attention).
+        margin: the hinge margin (LbA: 0.3).
+        reduction: ``"mean"`` over all N*H*W positions (the released code), ``"sum"`` (the paper's
+            eq. 10) or ``"none"`` for the ``(N, H, W)`` map.
+
+    One fused pass over the three maps forward (no difference tensors); the backward recomputes the
+    two distances and writes the three gradients.  Where a distance is exactly 0 its term has
+    gradient 0 (as ``torch.linalg.vector_norm``); at a hinge of exactly 0 the gradient passes (as
+    ``torch.clamp``).  Equals :func:`reid_kernels.reference.masked_dense_triplet` to float rounding.
+    """
+    check_tensor("anchor", anchor, floating=True)
+    if anchor.dim() < 3:
+        raise ValueError(f"anchor: expected an (N, C, H, W) or (N, C, L) tensor, got shape {tuple(anchor.shape)}")
+    for name, tensor in (("positive", positive), ("negative", negative)):
+        check_tensor(name, tensor, ndim=anchor.dim(), floating=True)
+        if tensor.shape != anchor.shape:
+            raise ValueError(f"{name}: expected shape {tuple(anchor.shape)} (like anchor), got {tuple(tensor.shape)}")
+    check_tensor("weight", weight, ndim=anchor.dim() - 1, floating=True)
+    position_shape = (anchor.shape[0], *anchor.shape[2:])
+    if tuple(weight.shape) != position_shape:
+        raise ValueError(f"weight: expected shape {position_shape} (N and spatial dims of anchor), "
+                         f"got {tuple(weight.shape)}")
+    named = [("anchor", anchor), ("positive", positive), ("negative", negative), ("weight", weight)]
+    check_same_device(named)
+    check_same_dtype(named)
+    allowed = _CUDA_DTYPES if anchor.device.type == "cuda" else _CPU_DTYPES
+    if anchor.dtype not in allowed:
+        names = ", ".join(str(d) for d in allowed)
+        raise TypeError(f"anchor: expected dtype in ({names}) on {anchor.device.type}, got {anchor.dtype}")
+    margin = check_finite_float("margin", margin)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
+    require_backend_for(anchor, "anchor")
+
+    n, c = anchor.shape[:2]
+
+    def as_ncl(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(n, c, -1).contiguous()
+
+    loss_map = torch.ops.reid_kernels.masked_dense_triplet_fwd(
+        as_ncl(anchor), as_ncl(positive), as_ncl(negative), weight.detach().reshape(n, -1).contiguous(), margin
+    ).view(position_shape)
+    if reduction == "mean":
+        return loss_map.mean()
+    if reduction == "sum":
+        return loss_map.sum()
+    return loss_map

@@ -132,3 +132,77 @@ def cmalign(
 
     loss = masked_dense_triplet(feat, recon_pos, recon_neg, comask, margin)  # eqs. 10-11
     return CMAlignOutput(recon_pos, recon_neg, comask, loss)
+
+
+# ---- Memory banks ----
+# Seed 002 eq. 3 (class-mean momentum update), its released code's "hard" update,
+# and the per-sample loop of cluster-contrast-style code (seed 004 eq. 9 applied in
+# batch order).  ``momentum`` weights the OLD row throughout.
+
+MEMORY_UPDATE_MODES = ("sequential", "mean", "hard")
+
+
+def _memory_math_dtype(memory: torch.Tensor) -> torch.dtype:
+    """The dtype the update is computed in: float64 for float64 banks, float32 otherwise."""
+    return torch.float64 if memory.dtype == torch.float64 else torch.float32
+
+
+def _blend(row: torch.Tensor, sample: torch.Tensor, momentum: float) -> torch.Tensor:
+    """Seed 002 eq. 3: momentum * old row + (1 - momentum) * new sample."""
+    return momentum * row + (1 - momentum) * sample
+
+
+def _unit(row: torch.Tensor) -> torch.Tensor:
+    """row / max(||row||_2, 1e-12), as torch.nn.functional.normalize."""
+    return row / row.norm().clamp_min(1e-12)
+
+
+def memory_update_(
+    memory: torch.Tensor,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    momentum: float,
+    mode: str = "sequential",
+    normalize: bool = True,
+) -> torch.Tensor:
+    """In-place momentum update of the rows ``memory[labels]`` (the oracle of the kernel).
+
+    * ``"sequential"``: for i in batch order, ``m[y_i] = momentum*m[y_i] + (1-momentum)*f_i``,
+      re-normalised after every sample when ``normalize``;
+    * ``"mean"``: per distinct label y, ``m[y] = momentum*m[y] + (1-momentum)*mean_{i: y_i=y} f_i``
+      (seed 002 eq. 3), then re-normalised;
+    * ``"hard"``: per distinct label, the sample with the lowest dot product with the current
+      row (the first one on ties) replaces the mean (seed 002's released code).
+
+    Computed in float32 (float64 for a float64 bank); each touched row is rounded back to the
+    bank's dtype once, at the end.
+    """
+    if mode not in MEMORY_UPDATE_MODES:
+        raise ValueError(f"mode: expected one of {MEMORY_UPDATE_MODES}, got {mode!r}")
+    math_dtype = _memory_math_dtype(memory)
+    feats = features.detach().to(math_dtype)
+    ys = [int(y) for y in labels.tolist()]
+    rows = {}  # label -> working copy of its row, in math_dtype
+
+    def row_of(y: int) -> torch.Tensor:
+        if y not in rows:
+            rows[y] = memory[y].detach().to(math_dtype).clone()
+        return rows[y]
+
+    if mode == "sequential":
+        for i, y in enumerate(ys):
+            row = _blend(row_of(y), feats[i], momentum)
+            rows[y] = _unit(row) if normalize else row
+    else:
+        for y in dict.fromkeys(ys):  # distinct labels
+            group = feats[[i for i, label in enumerate(ys) if label == y]]  # batch order
+            if mode == "mean":
+                target = group.mean(dim=0)
+            else:  # torch.argmin returns the first minimum
+                target = group[int(torch.argmin(group @ row_of(y)))]
+            row = _blend(row_of(y), target, momentum)
+            rows[y] = _unit(row) if normalize else row
+    with torch.no_grad():
+        for y, row in rows.items():
+            memory[y] = row.to(memory.dtype)
+    return memory

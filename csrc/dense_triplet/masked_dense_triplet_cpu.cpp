@@ -1,0 +1,151 @@
+// CPU kernels of the masked dense triplet (see masked_dense_triplet.h for the formulas).
+//
+// Work items are (anchor n, block of kBlock positions): for each channel the three maps
+// are read once, contiguously along the positions, and the squared distances of the
+// block are accumulated in double.  No difference tensor is materialised.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+
+#include "dense_triplet/masked_dense_triplet.h"
+
+namespace reid_kernels {
+namespace dense_triplet {
+namespace {
+
+constexpr int64_t kBlock = 64;  // positions per work item
+
+struct Geometry {
+  int64_t batch, channels, positions, blocks;
+  explicit Geometry(const at::Tensor& anchor)
+      : batch(anchor.size(0)),
+        channels(anchor.size(1)),
+        positions(anchor.size(2)),
+        blocks((anchor.size(2) + kBlock - 1) / kBlock) {}
+};
+
+// Squared distances d+^2 and d-^2 of positions [l0, l0 + width) of anchor n.
+template <typename scalar_t>
+void squared_distances(const scalar_t* a, const scalar_t* p, const scalar_t* ng, const Geometry& g, int64_t n,
+                       int64_t l0, int64_t width, double* pos_sq, double* neg_sq) {
+  std::fill(pos_sq, pos_sq + width, 0.0);
+  std::fill(neg_sq, neg_sq + width, 0.0);
+  for (int64_t c = 0; c < g.channels; ++c) {
+    const int64_t base = (n * g.channels + c) * g.positions + l0;
+    for (int64_t j = 0; j < width; ++j) {
+      const double anchor_value = static_cast<double>(a[base + j]);
+      const double dp = anchor_value - static_cast<double>(p[base + j]);
+      const double dn = anchor_value - static_cast<double>(ng[base + j]);
+      pos_sq[j] += dp * dp;
+      neg_sq[j] += dn * dn;
+    }
+  }
+}
+
+template <typename scalar_t>
+void forward_kernel(const scalar_t* a, const scalar_t* p, const scalar_t* ng, const scalar_t* w, scalar_t* out,
+                    const Geometry& g, double margin) {
+  const int64_t items = g.batch * g.blocks;
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    std::array<double, kBlock> pos_sq, neg_sq;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / g.blocks;
+      const int64_t l0 = (item % g.blocks) * kBlock;
+      const int64_t width = std::min(kBlock, g.positions - l0);
+      squared_distances(a, p, ng, g, n, l0, width, pos_sq.data(), neg_sq.data());
+      for (int64_t j = 0; j < width; ++j) {
+        const double hinge = std::sqrt(pos_sq[j]) - std::sqrt(neg_sq[j]) + margin;
+        const int64_t idx = n * g.positions + l0 + j;
+        out[idx] = static_cast<scalar_t>(static_cast<double>(w[idx]) * std::max(hinge, 0.0));
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_kernel(const scalar_t* grad, const scalar_t* a, const scalar_t* p, const scalar_t* ng, const scalar_t* w,
+                     scalar_t* grad_a, scalar_t* grad_p, scalar_t* grad_n, const Geometry& g, double margin) {
+  const int64_t items = g.batch * g.blocks;
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    std::array<double, kBlock> pos_coef, neg_coef;  // squared distances first, then g/d+ and g/d-
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / g.blocks;
+      const int64_t l0 = (item % g.blocks) * kBlock;
+      const int64_t width = std::min(kBlock, g.positions - l0);
+      squared_distances(a, p, ng, g, n, l0, width, pos_coef.data(), neg_coef.data());
+      for (int64_t j = 0; j < width; ++j) {
+        const double d_pos = std::sqrt(pos_coef[j]);
+        const double d_neg = std::sqrt(neg_coef[j]);
+        const int64_t idx = n * g.positions + l0 + j;
+        const double active = (d_pos - d_neg + margin >= 0.0) ? 1.0 : 0.0;
+        const double upstream = static_cast<double>(grad[idx]) * static_cast<double>(w[idx]) * active;
+        pos_coef[j] = d_pos > 0.0 ? upstream / d_pos : 0.0;
+        neg_coef[j] = d_neg > 0.0 ? upstream / d_neg : 0.0;
+      }
+      for (int64_t c = 0; c < g.channels; ++c) {
+        const int64_t base = (n * g.channels + c) * g.positions + l0;
+        for (int64_t j = 0; j < width; ++j) {
+          const double anchor_value = static_cast<double>(a[base + j]);
+          const double gp = pos_coef[j] * (anchor_value - static_cast<double>(p[base + j]));
+          const double gn = neg_coef[j] * (anchor_value - static_cast<double>(ng[base + j]));
+          grad_a[base + j] = static_cast<scalar_t>(gp - gn);
+          grad_p[base + j] = static_cast<scalar_t>(-gp);
+          grad_n[base + j] = static_cast<scalar_t>(gn);
+        }
+      }
+    }
+  });
+}
+
+void check_cpu_dtype(const at::Tensor& anchor) {
+  TORCH_CHECK(anchor.scalar_type() == at::kFloat || anchor.scalar_type() == at::kDouble,
+              "anchor: expected dtype float32 or float64 on the CPU (float16/bfloat16 are CUDA-only), got ",
+              anchor.scalar_type());
+}
+
+at::Tensor masked_dense_triplet_fwd_cpu(const at::Tensor& anchor, const at::Tensor& positive,
+                                        const at::Tensor& negative, const at::Tensor& weight, double margin) {
+  check_triplet_args(anchor, positive, negative, weight);
+  check_cpu_dtype(anchor);
+  auto out = at::empty({anchor.size(0), anchor.size(2)}, anchor.options());
+  const Geometry g(anchor);
+  AT_DISPATCH_FLOATING_TYPES(anchor.scalar_type(), "masked_dense_triplet_fwd_cpu", [&] {
+    forward_kernel(anchor.data_ptr<scalar_t>(), positive.data_ptr<scalar_t>(), negative.data_ptr<scalar_t>(),
+                   weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), g, margin);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_dense_triplet_bwd_cpu(const at::Tensor& grad_loss,
+                                                                            const at::Tensor& anchor,
+                                                                            const at::Tensor& positive,
+                                                                            const at::Tensor& negative,
+                                                                            const at::Tensor& weight, double margin) {
+  check_triplet_args(anchor, positive, negative, weight);
+  check_position_map("grad_loss", grad_loss, anchor);
+  check_cpu_dtype(anchor);
+  auto grad_a = at::empty_like(anchor);
+  auto grad_p = at::empty_like(anchor);
+  auto grad_n = at::empty_like(anchor);
+  const Geometry g(anchor);
+  AT_DISPATCH_FLOATING_TYPES(anchor.scalar_type(), "masked_dense_triplet_bwd_cpu", [&] {
+    backward_kernel(grad_loss.data_ptr<scalar_t>(), anchor.data_ptr<scalar_t>(), positive.data_ptr<scalar_t>(),
+                    negative.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), grad_a.data_ptr<scalar_t>(),
+                    grad_p.data_ptr<scalar_t>(), grad_n.data_ptr<scalar_t>(), g, margin);
+  });
+  return {grad_a, grad_p, grad_n};
+}
+
+}  // namespace
+}  // namespace dense_triplet
+
+TORCH_LIBRARY_IMPL(reid_kernels, CPU, m) {
+  m.impl("masked_dense_triplet_fwd", &dense_triplet::masked_dense_triplet_fwd_cpu);
+  m.impl("masked_dense_triplet_bwd", &dense_triplet::masked_dense_triplet_bwd_cpu);
+}
+
+}  // namespace reid_kernels

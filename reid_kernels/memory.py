@@ -1,0 +1,112 @@
+"""Momentum updates of class-memory banks (seed 002 eq. 3, seed 004 eq. 9, cluster contrast).
+
+One fused, deterministic operator replaces the per-sample Python loop of the
+released code (dozens of tiny kernels per step) and the ``index_copy`` tricks
+that silently drop all but one sample when a label repeats in the batch.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _ops  # noqa: F401  (fake-kernel registration of memory_update_)
+from ._extension import require_backend_for
+from ._validate import check_finite_float, check_same_device, check_tensor
+
+MODES = ("sequential", "mean", "hard")
+CONVENTIONS = ("old", "new")
+_CPU_DTYPES = (torch.float32, torch.float64)
+_CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def memory_update_(
+    memory: torch.Tensor,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    momentum: float,
+    *,
+    mode: str = "sequential",
+    normalize: bool = True,
+    convention: str = "old",
+) -> torch.Tensor:
+    """Update the rows ``memory[labels]`` in place with momentum; returns ``memory``.
+
+    Args:
+        memory: ``(rows, dim)`` contiguous bank, one row per class.  float32 (or float64) on the
+            CPU; float32, float16, bfloat16 (or float64) on CUDA.  Math is float32 (float64 for a
+            float64 bank); each touched row is rounded to the bank's dtype once per call.
+        features: ``(batch, dim)`` floating-point features (no gradient flows into the bank).
+        labels: ``(batch,)`` int64 (or int32) class indices in ``[0, rows)``; may repeat.
+        momentum: in ``[0, 1]``.  With ``convention="old"`` (default, seed 002's gamma) it
+            weights the OLD row: ``m <- momentum * m + (1 - momentum) * f``.  With
+            ``convention="new"`` (seed 004's alpha) it weights the NEW sample:
+            ``m <- (1 - momentum) * m + momentum * f``; i.e. ``convention="new", momentum=a`` is
+            ``convention="old", momentum=1-a``.
+        mode:
+            * ``"sequential"`` -- for each sample in batch order,
+              ``m[y_i] <- g * m[y_i] + (1 - g) * f_i`` then (if ``normalize``) ``m[y_i] /= ||m[y_i]||``;
+              with K samples of one label (no normalisation) the row becomes
+              ``g^K m + sum_t (1-g) g^(K-t) f_t`` -- the per-sample loop of cluster-contrast code
+              and seed 004 eq. 9 applied in batch order.
+            * ``"mean"`` -- per distinct label, ``m[y] <- g * m[y] + (1 - g) * mean_{i: y_i=y} f_i``
+              (seed 002 eq. 3), then re-normalised.
+            * ``"hard"`` -- per distinct label, the batch sample with the lowest dot product with
+              the current row (the first one on ties) replaces the mean (seed 002's released code
+              for the modality-agnostic bank).
+        normalize: re-normalise every updated row to unit L2 norm (``x / max(||x||, 1e-12)``).
+        convention: ``"old"`` or ``"new"``, see ``momentum``.
+
+    The result equals :func:`reid_kernels.reference.memory_update_` to float rounding and is
+    bit-identical from run to run on CPU and CUDA (labels are grouped with a stable sort; each
+    row is owned by one task/block that walks its samples in batch order; no atomics).  The
+    label range is checked before the launch (one device sync on CUDA).
+    """
+    memory, features, labels, old_weight = _check_update_args(memory, features, labels, momentum, mode, normalize,
+                                                               convention)
+    require_backend_for(memory, "memory")
+    with torch.no_grad():
+        torch.ops.reid_kernels.memory_update_(memory, features.detach(), labels, old_weight, mode, bool(normalize))
+    return memory
+
+
+def _check_update_args(memory, features, labels, momentum, mode, normalize, convention):
+    check_tensor("memory", memory, ndim=2, floating=True)
+    if not memory.is_contiguous():
+        raise ValueError(f"memory: expected a contiguous tensor (it is updated in place), got strides {memory.stride()}")
+    allowed = _CUDA_DTYPES if memory.device.type == "cuda" else _CPU_DTYPES
+    if memory.dtype not in allowed:
+        names = ", ".join(str(d) for d in allowed)
+        raise TypeError(f"memory: expected dtype in ({names}) on {memory.device.type}, got {memory.dtype}")
+    check_tensor("features", features, ndim=2, floating=True, allow_empty=True)
+    if features.shape[1] != memory.shape[1]:
+        raise ValueError(f"features: expected shape (batch, {memory.shape[1]}) (dim of memory), "
+                         f"got {tuple(features.shape)}")
+    labels = _check_labels(labels, features.shape[0], memory.shape[0])
+    check_same_device([("memory", memory), ("features", features), ("labels", labels)])
+    momentum = check_finite_float("momentum", momentum)
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum: expected a value in [0, 1], got {momentum}")
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention: expected 'old' (weight on the old row) or 'new' (weight on the new "
+                         f"sample), got {convention!r}")
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize: expected a bool, got {type(normalize).__name__}")
+    old_weight = momentum if convention == "old" else 1.0 - momentum
+    return memory, features, labels, old_weight
+
+
+def _check_labels(labels, batch: int, rows: int) -> torch.Tensor:
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels: expected a torch.Tensor of int64 class indices, got {type(labels).__name__}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"labels: expected an int64 (or int32) tensor, got dtype {labels.dtype}")
+    if labels.dim() != 1 or labels.shape[0] != batch:
+        raise ValueError(f"labels: expected shape ({batch},) (one label per feature row), got {tuple(labels.shape)}")
+    if labels.numel() and labels.device.type != "meta":
+        bad = (labels < 0) | (labels >= rows)
+        if bool(bad.any()):
+            first = int(bad.nonzero()[0, 0])
+            raise IndexError(f"labels: expected values in [0, {rows}) (memory rows), got {int(labels[first])} "
+                             f"at position {first}")
+    return labels.to(torch.int64)
