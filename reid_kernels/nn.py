@@ -1,2 +1,342 @@
 """torch.nn modules built on reid_kernels operators."""
 import torch  # noqa: F401
+
+
+# ---- Memory banks ----
+# Seed 002 (MCE, ALGORITHMS.md §3.2-3.4): modality-aware banks W^v, W^r, W^a and the
+# modality-agnostic W^u, their historical copies C, the cluster-contrast CE (eq. 2),
+# the KL between proxy distributions (eqs. 5-8) and the hardest-negative-centroid
+# hinge (eq. 9).  Seed 004 (PECA, §5.4): centroid memory with the new-sample
+# momentum convention (convention="new").
+import math as _math  # noqa: E402
+from typing import Dict as _Dict, Mapping as _Mapping, Optional as _Optional, Sequence as _Sequence, Tuple as _Tuple  # noqa: E402,E501
+
+import torch.distributed as _dist  # noqa: E402
+import torch.nn.functional as _F  # noqa: E402
+
+from .memory import CONVENTIONS as _CONVENTIONS, MODES as _MODES, memory_update_ as _memory_update_  # noqa: E402
+
+
+def _per_bank(value, names: _Sequence[str], what: str) -> _Dict[str, object]:
+    """A scalar for every bank, or a mapping bank name -> value covering every bank."""
+    if isinstance(value, _Mapping):
+        missing = [n for n in names if n not in value]
+        extra = [n for n in value if n not in names]
+        if missing or extra:
+            raise ValueError(f"{what}: expected a value for each bank {list(names)}, missing {missing}, unknown {extra}")
+        return {n: value[n] for n in names}
+    return {n: value for n in names}
+
+
+def _gather_across_ranks(features: torch.Tensor, labels: torch.Tensor) -> _Tuple[torch.Tensor, torch.Tensor]:
+    """All ranks' (features, labels), concatenated in rank order; unchanged without DDP.
+
+    Batches may differ in size between ranks: sizes are gathered first, rows padded to the
+    largest, then trimmed.  Every rank ends with the same tensors, so the deterministic
+    update leaves every rank's bank bit-identical.
+    """
+    if not (_dist.is_available() and _dist.is_initialized()) or _dist.get_world_size() == 1:
+        return features, labels
+    world = _dist.get_world_size()
+    count = torch.tensor([features.shape[0]], dtype=torch.int64, device=features.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    _dist.all_gather(counts, count)
+    sizes = [int(c) for c in counts]
+    largest = max(sizes)
+    padded_f = features.new_zeros((largest, features.shape[1]))
+    padded_f[: features.shape[0]] = features
+    padded_y = labels.new_zeros((largest,))
+    padded_y[: labels.shape[0]] = labels
+    all_f = [torch.empty_like(padded_f) for _ in range(world)]
+    all_y = [torch.empty_like(padded_y) for _ in range(world)]
+    _dist.all_gather(all_f, padded_f.contiguous())
+    _dist.all_gather(all_y, padded_y.contiguous())
+    return (torch.cat([f[:s] for f, s in zip(all_f, sizes)]), torch.cat([y[:s] for y, s in zip(all_y, sizes)]))
+
+
+class _LogitsThenUpdate(torch.autograd.Function):
+    """Logits against the pre-update bank; the bank is updated in backward (seed 002's code).
+
+    The gradient uses the bank as it was in forward; the update runs after it.
+    """
+
+    @staticmethod
+    def forward(ctx, features, labels, bank_module, name, temperature):
+        memory = bank_module.memory(name)
+        ctx.save_for_backward(features.detach(), labels)
+        ctx.bank_module, ctx.name, ctx.temperature = bank_module, name, temperature
+        ctx.memory, ctx.version = memory, memory._version
+        return features @ memory.to(features.dtype).t() / temperature
+
+    @staticmethod
+    def backward(ctx, grad_logits):
+        features, labels = ctx.saved_tensors
+        if ctx.memory._version != ctx.version:
+            raise RuntimeError(
+                f"MemoryBank: bank {ctx.name!r} changed between forward and backward of a contrast loss with "
+                f"update_in_backward=True (use one such loss per bank per step, or update after the step)"
+            )
+        grad_features = grad_logits @ ctx.memory.to(grad_logits.dtype) / ctx.temperature
+        ctx.bank_module.update_(ctx.name, features, labels)
+        return grad_features, None, None, None, None
+
+
+class MemoryBank(torch.nn.Module):
+    """One or several class-memory banks (one row per identity) with momentum updates.
+
+    Seed 002 (ALGORITHMS.md §3.2-3.4) uses four banks -- modality-aware ``v``, ``r``, ``a`` and
+    modality-agnostic ``u`` -- each with a frozen historical copy refreshed every epoch::
+
+        mb = MemoryBank(395, 2048, names=("v", "r", "a", "u"), momentum={"v": .3, "r": .3, "a": .3, "u": .1},
+                        mode={"v": "mean", "r": "mean", "a": "mean", "u": "hard"}, temperature=0.05)
+        mb.initialize_("v", feats_v, labels_v)            # eq. 1 class means -> bank and history
+        loss = mb.contrast_loss(f_v, y_v, "v") + ...     # eq. 2 (and 4)
+        loss = loss + 1.2 * (mb.kl_loss(f_v, "v", target_bank="r") + mb.kl_loss(f_r, "r", target_bank="v"))  # eq. 7
+        loss = loss + mb.hard_negative_loss(f_all, y_all, "u")  # eq. 9, historical agnostic centroids
+        loss.backward(); optimizer.step()
+        mb.update_("v", f_v, y_v)                         # eq. 3, after the step
+
+    Seed 004's centroid memory is ``MemoryBank(N, d, names=("v", "ir"), momentum=0.8, convention="new",
+    mode="sequential")``.
+
+    Args:
+        num_classes, dim: rows and width of every bank.
+        names: bank names (Python identifiers); buffers ``bank_<name>`` (and ``history_<name>``).
+        momentum: float or {name: float}; weight on the OLD row unless ``convention="new"``
+            (see :func:`reid_kernels.memory_update_`).
+        mode: ``"sequential"``, ``"mean"`` or ``"hard"`` (or {name: mode}).
+        normalize: re-normalise updated (and initialised) rows to unit length.
+        convention: ``"old"`` (seed 002's gamma) or ``"new"`` (seed 004's alpha).
+        temperature: default temperature tau of the logits ``f . W^T / tau``.
+        history: keep a historical copy of every bank (``history_<name>`` buffers).
+        sync_ddp: under an initialised ``torch.distributed``, all-gather features and labels before
+            each update so that every rank's bank stays identical.
+        dtype, device: of the banks (float16/bfloat16 banks need CUDA).
+
+    Banks and historical copies are buffers: they move with ``.to()``, are saved in ``state_dict``
+    and never receive gradient.  Rows start at zero; fill them with :meth:`initialize_`.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int,
+        names: _Sequence[str] = ("memory",),
+        *,
+        momentum=0.2,
+        mode="mean",
+        normalize: bool = True,
+        convention: str = "old",
+        temperature: float = 0.05,
+        history: bool = True,
+        sync_ddp: bool = True,
+        dtype: torch.dtype = torch.float32,
+        device=None,
+    ):
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes: expected a positive int, got {num_classes!r}")
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim: expected a positive int, got {dim!r}")
+        names = (names,) if isinstance(names, str) else tuple(names)
+        if not names or len(set(names)) != len(names) or not all(isinstance(n, str) and n.isidentifier() for n in names):
+            raise ValueError(f"names: expected distinct Python identifiers, got {names!r}")
+        self.names = names
+        self.momentum = {n: self._check_momentum(m) for n, m in _per_bank(momentum, names, "momentum").items()}
+        self.mode = _per_bank(mode, names, "mode")
+        for m in self.mode.values():
+            if m not in _MODES:
+                raise ValueError(f"mode: expected one of {_MODES}, got {m!r}")
+        if convention not in _CONVENTIONS:
+            raise ValueError(f"convention: expected 'old' or 'new', got {convention!r}")
+        self.normalize, self.convention, self.sync_ddp = bool(normalize), convention, bool(sync_ddp)
+        self.temperature = self._check_temperature(temperature)
+        self.has_history = bool(history)
+        for n in names:
+            self.register_buffer(f"bank_{n}", torch.zeros(num_classes, dim, dtype=dtype, device=device))
+            if self.has_history:
+                self.register_buffer(f"history_{n}", torch.zeros(num_classes, dim, dtype=dtype, device=device))
+
+    # -- access ---------------------------------------------------------------
+    @staticmethod
+    def _check_momentum(value) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"momentum: expected a float in [0, 1], got {value!r}")
+        return float(value)
+
+    @staticmethod
+    def _check_temperature(value) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            _math.isfinite(float(value)) and float(value) > 0
+        ):
+            raise ValueError(f"temperature: expected a finite float > 0, got {value!r}")
+        return float(value)
+
+    def _check_name(self, name: str) -> str:
+        if name not in self.names:
+            raise KeyError(f"bank: expected one of {list(self.names)}, got {name!r}")
+        return name
+
+    def memory(self, name: str) -> torch.Tensor:
+        """The up-to-date bank ``name`` (rows = classes); a buffer, no gradient."""
+        return getattr(self, f"bank_{self._check_name(name)}")
+
+    def history(self, name: str) -> torch.Tensor:
+        """The historical (frozen) copy of bank ``name`` (seed 002's C)."""
+        if not self.has_history:
+            raise RuntimeError("MemoryBank was built with history=False: there are no historical copies")
+        return getattr(self, f"history_{self._check_name(name)}")
+
+    def table(self, name: str, historical: bool = False) -> torch.Tensor:
+        return self.history(name) if historical else self.memory(name)
+
+    # -- filling --------------------------------------------------------------
+    def _class_means(self, features: torch.Tensor, labels: torch.Tensor) -> _Tuple[torch.Tensor, torch.Tensor]:
+        """(per-class mean of features, bool mask of the classes present); seed 002 eq. 1."""
+        rows = self.memory(self.names[0]).shape[0]
+        labels = labels.to(device=features.device, dtype=torch.int64)
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= rows):
+            raise IndexError(f"labels: expected values in [0, {rows}), got range [{int(labels.min())}, {int(labels.max())}]")
+        feats = features.detach().float()
+        sums = feats.new_zeros((rows, feats.shape[1])).index_add_(0, labels, feats)
+        counts = torch.bincount(labels, minlength=rows)
+        present = counts > 0
+        means = sums / counts.clamp_min(1).unsqueeze(1).to(sums.dtype)
+        if self.normalize:
+            means = _F.normalize(means, dim=1, eps=1e-12)
+        return means, present
+
+    @torch.no_grad()
+    def initialize_(self, name: str, features: torch.Tensor, labels: torch.Tensor, *, history: bool = True) -> None:
+        """Set the rows of the classes present to their class mean (seed 002 eq. 1), normalised
+        if ``normalize``; also the historical copy when ``history``.  Gathered across DDP ranks."""
+        bank = self.memory(name)
+        if features.dim() != 2 or features.shape[1] != bank.shape[1]:
+            raise ValueError(f"features: expected shape (batch, {bank.shape[1]}), got {tuple(features.shape)}")
+        if labels.shape != (features.shape[0],):
+            raise ValueError(f"labels: expected shape ({features.shape[0]},), got {tuple(labels.shape)}")
+        if self.sync_ddp:
+            features, labels = _gather_across_ranks(features.detach(), labels)
+        means, present = self._class_means(features, labels)
+        bank[present] = means[present].to(device=bank.device, dtype=bank.dtype)
+        if history and self.has_history:
+            self.history(name).copy_(bank)
+
+    @torch.no_grad()
+    def snapshot_(self, names: _Optional[_Sequence[str]] = None) -> None:
+        """Historical copy <- current bank (for ``names``, default all): the "snapshot" reading of seed 002's C."""
+        for n in self.names if names is None else names:
+            self.history(n).copy_(self.memory(n))
+
+    @torch.no_grad()
+    def set_history_(self, name: str, centroids: torch.Tensor) -> None:
+        """Historical copy <- ``centroids`` (e.g. class means re-extracted at the end of an epoch)."""
+        target = self.history(name)
+        if tuple(centroids.shape) != tuple(target.shape):
+            raise ValueError(f"centroids: expected shape {tuple(target.shape)}, got {tuple(centroids.shape)}")
+        target.copy_(centroids)
+
+    def update_(self, name: str, features: torch.Tensor, labels: torch.Tensor, *, momentum: _Optional[float] = None,
+                mode: _Optional[str] = None) -> torch.Tensor:
+        """Momentum update of bank ``name`` with this step's (features, labels) (seed 002 eq. 3).
+
+        Call it after the optimiser step.  Under DDP (``sync_ddp``) features and labels of all
+        ranks are gathered first, so every rank applies the same update.
+        """
+        bank = self.memory(name)
+        features = features.detach()
+        if self.sync_ddp:
+            features, labels = _gather_across_ranks(features, labels)
+        return _memory_update_(
+            bank,
+            features.to(bank.device),
+            labels.to(bank.device),
+            self.momentum[name] if momentum is None else momentum,
+            mode=self.mode[name] if mode is None else mode,
+            normalize=self.normalize,
+            convention=self.convention,
+        )
+
+    # -- heads ----------------------------------------------------------------
+    def logits(self, features: torch.Tensor, bank: str, temperature: _Optional[float] = None, *,
+               historical: bool = False) -> torch.Tensor:
+        """``features @ W^T / temperature`` against bank ``bank`` (or its historical copy): (B, classes)."""
+        tau = self.temperature if temperature is None else self._check_temperature(temperature)
+        table = self.table(bank, historical)
+        if features.dim() != 2 or features.shape[1] != table.shape[1]:
+            raise ValueError(f"features: expected shape (batch, {table.shape[1]}), got {tuple(features.shape)}")
+        return features @ table.to(features.dtype).t() / tau
+
+    def contrast_loss(self, features: torch.Tensor, labels: torch.Tensor, bank: str,
+                      temperature: _Optional[float] = None, *, historical: bool = False,
+                      update_in_backward: bool = False) -> torch.Tensor:
+        """Cluster-contrast cross-entropy of seed 002 eq. 2, averaged over the batch.
+
+        With ``update_in_backward=True`` the bank is updated with (features, labels) inside the
+        backward pass, after the gradient was computed from the pre-update bank (seed 002's
+        released code); use at most one such loss per bank per step.
+        """
+        if update_in_backward:
+            if historical:
+                raise ValueError("update_in_backward: the historical copies are frozen; use historical=False")
+            tau = self.temperature if temperature is None else self._check_temperature(temperature)
+            self.logits(features[:0], bank, tau)  # argument checks
+            logits = _LogitsThenUpdate.apply(features, labels, self, self._check_name(bank), tau)
+        else:
+            logits = self.logits(features, bank, temperature, historical=historical)
+        return _F.cross_entropy(logits, labels.to(device=logits.device, dtype=torch.int64))
+
+    forward = contrast_loss
+
+    def kl_loss(self, features: torch.Tensor, bank: str, target_bank: _Optional[str] = None, *,
+                target_features: _Optional[torch.Tensor] = None, historical: bool = True,
+                temperature: _Optional[float] = None) -> torch.Tensor:
+        """KL(target || p) between proxy distributions, target under stop-gradient (seed 002 eqs. 5-8).
+
+        ``p = softmax(features . C_bank / tau)`` and the target is
+        ``softmax(target_features . C_target_bank / tau)`` (defaults: the same features, the same
+        bank), computed without gradient; ``batchmean`` reduction.  The paper's eq. 7 for v<->r is
+        ``kl_loss(f_v, "v", "r") + kl_loss(f_r, "r", "v")``; the released code's pairing is
+        ``kl_loss(f_v, "v", target_features=f_r) + kl_loss(f_r, "r", target_features=f_v)``.
+        """
+        log_p = _F.log_softmax(self.logits(features, bank, temperature, historical=historical), dim=1)
+        target_features = features if target_features is None else target_features
+        if target_features.shape != features.shape:
+            raise ValueError(f"target_features: expected shape {tuple(features.shape)}, got "
+                             f"{tuple(target_features.shape)}")
+        with torch.no_grad():
+            target = self.logits(target_features.detach(), bank if target_bank is None else target_bank, temperature,
+                                 historical=historical)
+            log_q = _F.log_softmax(target, dim=1)
+        return _F.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
+
+    def hard_negative_loss(self, features: torch.Tensor, labels: torch.Tensor, bank: str, *, margin: float = 0.3,
+                           historical: bool = True, negatives: str = "all") -> torch.Tensor:
+        """Hardest-negative-centroid hinge of seed 002 eq. 9, averaged over the batch.
+
+        ``[||f_i - c_{y_i}|| - min_{k != y_i} ||f_i - c_k|| + margin]_+`` with Euclidean distances to
+        the (historical, by default) centroids.  ``negatives="all"`` searches every other class
+        (the paper); ``"batch"`` only the other classes present in the batch (the released code).
+        Samples without any candidate negative contribute 0.
+        """
+        if negatives not in ("all", "batch"):
+            raise ValueError(f"negatives: expected 'all' or 'batch', got {negatives!r}")
+        table = self.table(bank, historical)
+        if features.dim() != 2 or features.shape[1] != table.shape[1]:
+            raise ValueError(f"features: expected shape (batch, {table.shape[1]}), got {tuple(features.shape)}")
+        centroids = table.to(features.dtype)
+        labels = labels.to(device=features.device, dtype=torch.int64)
+        with torch.no_grad():  # hardest negative by squared distance; its exact distance is recomputed below
+            f = features.detach()
+            sq = (f * f).sum(1, keepdim=True) - 2 * f @ centroids.t() + (centroids * centroids).sum(1)
+            sq.scatter_(1, labels.unsqueeze(1), float("inf"))
+            if negatives == "batch":
+                present = torch.zeros(centroids.shape[0], dtype=torch.bool, device=f.device)
+                present[labels] = True
+                sq[:, ~present] = float("inf")
+            hardest = sq.argmin(dim=1)
+            has_negative = torch.isfinite(sq.gather(1, hardest.unsqueeze(1))).squeeze(1)
+        d_pos = torch.linalg.vector_norm(features - centroids[labels], dim=1)
+        d_neg = torch.linalg.vector_norm(features - centroids[hardest], dim=1)
+        hinge = torch.clamp(d_pos - d_neg + margin, min=0) * has_negative.to(features.dtype)
+        return hinge.mean()
