@@ -55,6 +55,11 @@ def memory_update_(
         normalize: re-normalise every updated row to unit L2 norm (``x / max(||x||, 1e-12)``).
         convention: ``"old"`` or ``"new"``, see ``momentum``.
 
+    The update bumps ``memory``'s version counter like any in-place op, so a backward through a
+    graph that saved the old bank (logits computed before the update) fails loudly instead of
+    silently using the new rows: update after ``backward()`` (or see ``MemoryBank``'s
+    ``update_in_backward``).
+
     The result equals :func:`reid_kernels.reference.memory_update_` to float rounding and is
     bit-identical from run to run on CPU and CUDA (labels are grouped with a stable sort; each
     row is owned by one task/block that walks its samples in batch order; no atomics).  The
@@ -65,6 +70,9 @@ def memory_update_(
     require_backend_for(memory, "memory")
     with torch.no_grad():
         torch.ops.reid_kernels.memory_update_(memory, features.detach(), labels, old_weight, mode, bool(normalize))
+    # A custom op does not bump the version counter itself; bumping it lets autograd refuse a
+    # backward through a graph that saved the pre-update bank (e.g. logits computed before).
+    torch.autograd.graph.increment_version(memory)
     return memory
 
 
