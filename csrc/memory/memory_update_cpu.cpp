@@ -36,20 +36,51 @@ std::vector<LabelRun> label_runs(const at::Tensor& sorted_labels) {
   return runs;
 }
 
-// row = row / max(||row||, eps).  The sum of squares is accumulated in double:
-// a plain float sum over 2048 terms would already cost ~1e-6 relative.
+// Sum over d of x[d] * y[d] in double, with kLanes independent partial sums so that the
+// loop vectorises (one accumulator would serialise on the add latency).  Double because a
+// float sum over 2048 terms would already cost ~1e-6 relative.
+constexpr int kLanes = 8;
+
 template <typename scalar_t>
-void normalize_row(scalar_t* row, int64_t dim) {
-  double sum_sq = 0.0;
-  for (int64_t d = 0; d < dim; ++d) sum_sq += static_cast<double>(row[d]) * static_cast<double>(row[d]);
+double dot(const scalar_t* x, const scalar_t* y, int64_t dim) {
+  double lanes[kLanes] = {0.0};
+  int64_t d = 0;
+  for (; d + kLanes <= dim; d += kLanes) {
+    for (int k = 0; k < kLanes; ++k) lanes[k] += static_cast<double>(x[d + k]) * static_cast<double>(y[d + k]);
+  }
+  for (; d < dim; ++d) lanes[0] += static_cast<double>(x[d]) * static_cast<double>(y[d]);
+  double total = 0.0;
+  for (int k = 0; k < kLanes; ++k) total += lanes[k];
+  return total;
+}
+
+// row = row / max(sqrt(sum_sq), eps), as torch.nn.functional.normalize.
+template <typename scalar_t>
+void scale_to_unit(scalar_t* row, double sum_sq, int64_t dim) {
   const scalar_t norm = static_cast<scalar_t>(std::max(std::sqrt(sum_sq), kNormalizeEps));
   for (int64_t d = 0; d < dim; ++d) row[d] = row[d] / norm;
 }
 
-// row = old_weight * row + new_weight * sample
+// row = old_weight * row + new_weight * sample; returns the new row's sum of squares (as dot()).
 template <typename scalar_t>
-void blend_row(scalar_t* row, const scalar_t* sample, scalar_t old_weight, scalar_t new_weight, int64_t dim) {
-  for (int64_t d = 0; d < dim; ++d) row[d] = old_weight * row[d] + new_weight * sample[d];
+double blend_row(scalar_t* row, const scalar_t* sample, scalar_t old_weight, scalar_t new_weight, int64_t dim) {
+  double lanes[kLanes] = {0.0};
+  int64_t d = 0;
+  for (; d + kLanes <= dim; d += kLanes) {
+    for (int k = 0; k < kLanes; ++k) {
+      const scalar_t v = old_weight * row[d + k] + new_weight * sample[d + k];
+      row[d + k] = v;
+      lanes[k] += static_cast<double>(v) * static_cast<double>(v);
+    }
+  }
+  for (; d < dim; ++d) {
+    const scalar_t v = old_weight * row[d] + new_weight * sample[d];
+    row[d] = v;
+    lanes[0] += static_cast<double>(v) * static_cast<double>(v);
+  }
+  double total = 0.0;
+  for (int k = 0; k < kLanes; ++k) total += lanes[k];
+  return total;
 }
 
 // The sample of the run with the lowest dot product with the row; the first one on ties.
@@ -59,11 +90,9 @@ int64_t hardest_sample(const scalar_t* row, const scalar_t* features, const int6
   int64_t best = order[run.begin];
   double best_dot = std::numeric_limits<double>::infinity();
   for (int64_t s = run.begin; s < run.end; ++s) {
-    const scalar_t* f = features + order[s] * dim;
-    double dot = 0.0;
-    for (int64_t d = 0; d < dim; ++d) dot += static_cast<double>(f[d]) * static_cast<double>(row[d]);
-    if (dot < best_dot) {
-      best_dot = dot;
+    const double similarity = dot(features + order[s] * dim, row, dim);
+    if (similarity < best_dot) {
+      best_dot = similarity;
       best = order[s];
     }
   }
@@ -75,30 +104,29 @@ void update_run(scalar_t* memory, const scalar_t* features, const int64_t* order
                 scalar_t old_weight, scalar_t new_weight, UpdateMode mode, bool normalize,
                 std::vector<scalar_t>& scratch) {
   scalar_t* row = memory + run.label * dim;
-  switch (mode) {
-    case UpdateMode::kSequential:
-      for (int64_t s = run.begin; s < run.end; ++s) {
-        blend_row(row, features + order[s] * dim, old_weight, new_weight, dim);
-        if (normalize) normalize_row(row, dim);
-      }
-      return;
-    case UpdateMode::kMean: {
-      // Batch-order sum, then divide: what features[labels == y].mean(0) computes.
-      scratch.assign(dim, scalar_t(0));
-      for (int64_t s = run.begin; s < run.end; ++s) {
-        const scalar_t* f = features + order[s] * dim;
-        for (int64_t d = 0; d < dim; ++d) scratch[d] += f[d];
-      }
-      const scalar_t count = static_cast<scalar_t>(run.end - run.begin);
-      for (int64_t d = 0; d < dim; ++d) scratch[d] = scratch[d] / count;
-      blend_row(row, scratch.data(), old_weight, new_weight, dim);
-      break;
+  if (mode == UpdateMode::kSequential) {
+    for (int64_t s = run.begin; s < run.end; ++s) {
+      const double sum_sq = blend_row(row, features + order[s] * dim, old_weight, new_weight, dim);
+      if (normalize) scale_to_unit(row, sum_sq, dim);
     }
-    case UpdateMode::kHard:
-      blend_row(row, features + hardest_sample(row, features, order, run, dim) * dim, old_weight, new_weight, dim);
-      break;
+    return;
   }
-  if (normalize) normalize_row(row, dim);
+  const scalar_t* target = nullptr;
+  if (mode == UpdateMode::kMean) {
+    // Batch-order sum, then divide: what features[labels == y].mean(0) computes.
+    scratch.assign(dim, scalar_t(0));
+    for (int64_t s = run.begin; s < run.end; ++s) {
+      const scalar_t* f = features + order[s] * dim;
+      for (int64_t d = 0; d < dim; ++d) scratch[d] += f[d];
+    }
+    const scalar_t count = static_cast<scalar_t>(run.end - run.begin);
+    for (int64_t d = 0; d < dim; ++d) scratch[d] = scratch[d] / count;
+    target = scratch.data();
+  } else {  // hard
+    target = features + hardest_sample(row, features, order, run, dim) * dim;
+  }
+  const double sum_sq = blend_row(row, target, old_weight, new_weight, dim);
+  if (normalize) scale_to_unit(row, sum_sq, dim);
 }
 
 void check_label_range(const at::Tensor& labels, int64_t rows) {
@@ -126,8 +154,11 @@ void memory_update_cpu(at::Tensor memory, const at::Tensor& features, const at::
   const auto order = std::get<1>(sorted).contiguous();
   const std::vector<LabelRun> runs = label_runs(sorted_labels);
   const int64_t dim = memory.size(1);
-  // Enough rows per task that small updates stay on one thread.
-  const int64_t grain = std::max<int64_t>(1, 16384 / dim);
+  // About kWorkPerTask feature elements per task: a typical update (64-256 samples x 2048)
+  // stays on one thread, where waking a thread pool costs more than the whole update.
+  constexpr int64_t kWorkPerTask = int64_t(1) << 22;
+  const int64_t num_runs = static_cast<int64_t>(runs.size());
+  const int64_t grain = std::max<int64_t>(1, (num_runs * kWorkPerTask) / std::max<int64_t>(1, features.size(0) * dim));
 
   AT_DISPATCH_FLOATING_TYPES(memory.scalar_type(), "memory_update_cpu", [&] {
     scalar_t* mem = memory.data_ptr<scalar_t>();
@@ -136,7 +167,7 @@ void memory_update_cpu(at::Tensor memory, const at::Tensor& features, const at::
     // Weights rounded as the reference rounds the Python floats momentum and 1 - momentum.
     const scalar_t old_weight = static_cast<scalar_t>(momentum);
     const scalar_t new_weight = static_cast<scalar_t>(1.0 - momentum);
-    at::parallel_for(0, static_cast<int64_t>(runs.size()), grain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, num_runs, grain, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> scratch;
       for (int64_t r = begin; r < end; ++r) {
         update_run(mem, f, ord, runs[r], dim, old_weight, new_weight, mode, normalize, scratch);
