@@ -1,7 +1,8 @@
 """reid_kernels.masked_dense_triplet against its plain-PyTorch reference (LbA eqs. 10-11).
 
 The reference runs in float64 on the same inputs.  Tolerances: float32 1e-5 relative and
-1e-6 * sqrt(C) absolute on the loss (a distance over C channels is O(sqrt(C)) and the hinge
+1e-6 + 1e-7 * C absolute on the loss (a distance over C channels is O(sqrt(C)), its float32
+sum of C squares carries O(sqrt(C)) roundings -- CUDA accumulates in float32 -- and the hinge
 subtracts two of them), 1e-5 / 1e-6 on the gradients; float64 1e-10; float16/bfloat16 (CUDA)
 one rounding of the half type.
 """
@@ -45,7 +46,7 @@ def test_matches_reference(device, shape, reduction, dtype):
     ref, ref_grads = grads_of(reference.masked_dense_triplet, [t.double() for t in (a, p, n)], w.double(), margin,
                               reduction)
     loss_tol = dict(TOLERANCE[dtype])
-    loss_tol["atol"] *= shape[1] ** 0.5
+    loss_tol["atol"] += 1e-7 * shape[1] if dtype == torch.float32 else 0.0
     torch.testing.assert_close(out, ref.to(dtype), **loss_tol)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r.to(dtype), **TOLERANCE[dtype])
