@@ -112,9 +112,9 @@ def _check_labels(labels, batch: int, rows: int) -> torch.Tensor:
     if labels.dim() != 1 or labels.shape[0] != batch:
         raise ValueError(f"labels: expected shape ({batch},) (one label per feature row), got {tuple(labels.shape)}")
     if labels.numel() and labels.device.type != "meta":
-        bad = (labels < 0) | (labels >= rows)
-        if bool(bad.any()):
-            first = int(bad.nonzero()[0, 0])
+        lo, hi = torch.stack(torch.aminmax(labels)).tolist()  # one small kernel, one device sync
+        if lo < 0 or hi >= rows:
+            first = int(((labels < 0) | (labels >= rows)).nonzero()[0, 0])
             raise IndexError(f"labels: expected values in [0, {rows}) (memory rows), got {int(labels[first])} "
                              f"at position {first}")
     return labels.to(torch.int64)
