@@ -219,6 +219,9 @@ def _ddp_worker(rank, init_file, out_dir):
             ys = torch.randint(0, 4, (n,), generator=gen)  # heavy label overlap across ranks
             bank.update_("v", feats, ys)
             bank.update_("u", feats, ys)
+        # and once inside backward (seed 002's code path): the gather then runs in backward
+        feats = unit(4, DIM, seed=7000 + rank).requires_grad_(True)
+        bank.contrast_loss(feats, torch.tensor([rank, 3, 3, rank]), "v", update_in_backward=True).backward()
         torch.save({n: bank.memory(n) for n in bank.names}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -241,6 +244,8 @@ def _single_process_equivalent():
             ys.append(torch.randint(0, 4, (n,), generator=gen))
         bank.update_("v", torch.cat(feats), torch.cat(ys))
         bank.update_("u", torch.cat(feats), torch.cat(ys))
+    feats = torch.cat([unit(4, DIM, seed=7000 + rank) for rank in range(WORLD)])
+    bank.update_("v", feats, torch.cat([torch.tensor([rank, 3, 3, rank]) for rank in range(WORLD)]))
     return {n: bank.memory(n) for n in bank.names}
 
 
