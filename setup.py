@@ -85,7 +85,7 @@ def _pip_cuda_include_dirs():
 def _extension():
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "*", "*.cu")))
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
     extra_link = ["-fopenmp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not _want_cuda():
@@ -98,7 +98,7 @@ def _extension():
         )
     # Ampere (A100) and Hopper (H100/H200) unless the user says otherwise.
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.6;9.0")
-    nvcc_flags = ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"]
+    nvcc_flags = ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr"]
     return CUDAExtension(
         "reid_kernels._C",
         cpp_sources + cuda_sources,

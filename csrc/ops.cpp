@@ -54,7 +54,7 @@ TORCH_LIBRARY(reid_kernels, m) {
   // ---- Memory banks (seed 002 eq. 3, seed 004, cluster-contrast) ---------
   // In-place momentum update of memory rows; mode is "sequential", "mean" or "hard".
   m.def(
-      "memory_update_(Tensor(a!) memory, Tensor features, Tensor labels, float momentum, str mode, "
+      "memory_update_(Tensor(a!) memory, Tensor features, Tensor labels, float momentum, str update_mode, "
       "bool normalize) -> ()");
 }
 

@@ -6,8 +6,13 @@ Public operators (each has a plain-PyTorch twin in :mod:`reid_kernels.reference`
 * :func:`lba_pairs` -- LbA's positive/negative partners within a batch;
 * :func:`masked_dense_triplet` -- LbA's dense triplet loss (eqs. 10-11);
 * :func:`memory_update_` -- momentum update of class-memory banks (seeds 002, 004).
+
+Modules: :mod:`~reid_kernels.nn` (CMAlign, MemoryBank), :mod:`~reid_kernels.metrics`
+(CMC / mAP / mINP exactly as the community code), :mod:`~reid_kernels.protocols`
+(SYSU-MM01 and RegDB evaluation), :mod:`~reid_kernels.retrieval` (FAISS / torch
+gallery search), :mod:`~reid_kernels.rerank` (k-reciprocal re-ranking, SAAI's AIM).
 """
-from . import reference
+from . import metrics, nn, protocols, reference, rerank, retrieval
 from ._extension import extension_available, has_cuda_kernels
 from .cmalign import CMAlignOutput, cmalign, person_mask, soft_warp
 from .dense_triplet import masked_dense_triplet
@@ -24,7 +29,12 @@ __all__ = [
     "lba_pairs",
     "masked_dense_triplet",
     "memory_update_",
+    "metrics",
+    "nn",
     "person_mask",
+    "protocols",
     "reference",
+    "rerank",
+    "retrieval",
     "soft_warp",
 ]

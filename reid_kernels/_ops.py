@@ -45,5 +45,5 @@ if _extension_available():
 if _extension_available():
 
     @torch.library.register_fake("reid_kernels::memory_update_")
-    def _memory_update_fake(memory, features, labels, momentum, mode, normalize):
+    def _memory_update_fake(memory, features, labels, momentum, update_mode, normalize):
         return None

@@ -1,0 +1,155 @@
+"""reid_kernels.retrieval: exact torch search and GalleryIndex vs brute force."""
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from reid_kernels.retrieval import GalleryIndex, SearchResult, exact_search, import_faiss
+
+try:
+    import faiss  # noqa: F401
+
+    HAVE_FAISS = True
+except ImportError:
+    HAVE_FAISS = False
+needs_faiss = pytest.mark.skipif(not HAVE_FAISS, reason="faiss not installed")
+
+
+def clustered(n, dim=16, clusters=20, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim))
+    x = centres[rng.integers(0, clusters, n)] + 0.3 * rng.standard_normal((n, dim))
+    return x.astype(np.float32)
+
+
+def normalised(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def brute_force(q, db, k):
+    scores = normalised(q) @ normalised(db).T
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, 1), order
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_exact_search_matches_brute_force_with_tiles(device, metric):
+    q = torch.from_numpy(clustered(37, seed=1)).to(device)
+    db = torch.from_numpy(clustered(301, seed=2)).to(device)
+    full = q @ db.T if metric == "ip" else torch.cdist(q, db) ** 2
+    ref_s, ref_i = torch.sort(full, dim=1, descending=(metric == "ip"), stable=True)
+    for qb, dbb in [(4096, 1 << 18), (5, 17)]:  # one tile; many tiles with a running merge
+        s, i = exact_search(q, db, 10, metric=metric, query_block=qb, database_block=dbb)
+        assert torch.equal(i, ref_i[:, :10])
+        assert torch.allclose(s, ref_s[:, :10], atol=1e-4)
+    s, i = exact_search(q, db[:3], 10)
+    assert s.shape == (37, 3)  # k clamped to the database size
+
+
+def test_exact_search_bad_input():
+    q = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="k: expected an int >= 1"):
+        exact_search(q, q, 0)
+    with pytest.raises(ValueError, match="database: expected 4 columns"):
+        exact_search(q, torch.randn(5, 3), 2)
+    with pytest.raises(ValueError, match="empty database"):
+        exact_search(q, torch.randn(0, 4), 2)
+    with pytest.raises(ValueError, match="finite"):
+        exact_search(torch.full((2, 4), float("nan")), q, 2)
+    with pytest.raises(ValueError, match="metric"):
+        exact_search(q, q, 2, metric="cosine")
+
+
+BACKENDS = [("torch", "flat")] + ([("faiss", "flat")] if HAVE_FAISS else [])
+
+
+@pytest.mark.parametrize("backend, kind", BACKENDS)
+def test_flat_index_is_exact(backend, kind):
+    db, q = clustered(500, seed=3), clustered(40, seed=4)
+    index = GalleryIndex(16, kind, backend=backend, device="cpu")
+    ids = index.add(db, pids=np.arange(500) % 7, camids=np.ones(500, int), paths=[f"g{i}.jpg" for i in range(500)])
+    assert ids.tolist() == list(range(500)) and len(index) == 500
+    result = index.search(q, k=8, batch_size=16)
+    assert isinstance(result, SearchResult)
+    ref_s, ref_i = brute_force(q, db, 8)
+    assert np.array_equal(result.ids, ref_i)
+    assert np.allclose(result.scores, ref_s, atol=1e-5)
+    pids, camids, paths = index.metadata(result.ids[:2])
+    assert pids.tolist() == (ref_i[:2] % 7).tolist() and paths[0] == f"g{ref_i[0, 0]}.jpg"
+
+
+@needs_faiss
+@pytest.mark.parametrize("kind, knob, values", [("ivf", "nprobe", (1, 64)), ("hnsw", "ef_search", (4, 256))])
+def test_approximate_indexes_recall_knob(kind, knob, values):
+    db, q = clustered(2000, seed=5), clustered(100, seed=6)
+    index = GalleryIndex(16, kind, backend="faiss", nlist=64, hnsw_m=8, ef_construction=40)
+    index.add(db)
+    _, ref_i = brute_force(q, db, 10)
+    recalls = []
+    for value in values:
+        setattr(index, knob, value)
+        found = index.search(q, 10).ids
+        recalls.append(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, ref_i)]))
+    assert recalls[1] >= recalls[0]
+    assert recalls[1] >= 0.9  # full probe / wide beam: (nearly) exact
+    with pytest.raises(ValueError, match=knob):
+        setattr(index, knob, 0)
+
+
+@pytest.mark.parametrize("backend, kind", BACKENDS + ([("faiss", "ivf"), ("faiss", "hnsw")] if HAVE_FAISS else []))
+def test_remove_save_load_roundtrip(tmp_path, backend, kind):
+    db, q = clustered(300, seed=7), clustered(10, seed=8)
+    index = GalleryIndex(16, kind, backend=backend, nlist=8, nprobe=8, device="cpu")
+    index.add(db[:200], pids=np.arange(200), paths=[f"a{i}" for i in range(200)])
+    index.add(db[200:], pids=np.arange(200, 300), paths=[f"b{i}" for i in range(100)])
+    removed = np.arange(0, 300, 3)
+    assert index.remove(removed) == 100 and len(index) == 200
+    result = index.search(q, 5)
+    assert not np.isin(result.ids, removed).any()
+    if kind != "hnsw":  # flat and fully probed IVF are exact on the survivors
+        keep = np.setdiff1d(np.arange(300), removed)
+        _, ref = brute_force(q, db[keep], 5)
+        assert np.array_equal(result.ids, keep[ref])
+    path = tmp_path / "gallery.npz"
+    index.save(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["gallery.npz"]  # no temp file left behind
+    loaded = GalleryIndex.load(path, device="cpu")
+    again = loaded.search(q, 5)
+    assert np.array_equal(again.ids, result.ids) and np.allclose(again.scores, result.scores)
+    assert loaded.metadata(again.ids)[2] == index.metadata(result.ids)[2]
+    new_ids = loaded.add(db[:2])
+    assert new_ids.tolist() == [300, 301]  # ids are never reused
+    with pytest.raises(KeyError, match="not in the index"):
+        loaded.remove([0])
+
+
+def test_index_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="kind"):
+        GalleryIndex(8, "lsh")
+    with pytest.raises(ValueError, match="only kind='flat'"):
+        GalleryIndex(8, "ivf", backend="torch")
+    index = GalleryIndex(8, backend="torch")
+    with pytest.raises(ValueError, match="index is empty"):
+        index.search(np.ones((1, 8), np.float32))
+    with pytest.raises(ValueError, match="expected 8 columns"):
+        index.add(np.ones((2, 4), np.float32))
+    with pytest.raises(ValueError, match="pids: expected 2 integers"):
+        index.add(np.ones((2, 8), np.float32), pids=[1])
+    with pytest.raises(ValueError, match="finite"):
+        index.add(np.full((2, 8), np.inf, np.float32))
+    with pytest.raises(FileNotFoundError, match="no saved GalleryIndex"):
+        GalleryIndex.load(tmp_path / "missing.npz")
+    if HAVE_FAISS:
+        ivf = GalleryIndex(8, "ivf", backend="faiss", nlist=50)
+        with pytest.raises(ValueError, match="at least nlist=50"):
+            ivf.add(np.ones((10, 8), np.float32))
+
+
+def test_missing_faiss_error_names_the_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss", None)  # makes `import faiss` raise ImportError
+    with pytest.raises(ImportError, match="pip install faiss-cpu"):
+        import_faiss()
+    with pytest.raises(ImportError, match="faiss-gpu"):
+        GalleryIndex(8, "hnsw")
+    assert GalleryIndex(8, "flat").backend == "torch"  # auto falls back to exact torch search
