@@ -1,0 +1,106 @@
+"""LbA -- Learning by Aligning (Park et al., ICCV 2021); ALGORITHMS.md §2.
+
+Total loss (eq. 8): ``L = L_ID + lambda_IC * L_IC + lambda_DT * L_DT`` with
+
+* ``L_ID``: cross-entropy of the BNNeck classifier on GeM(layer4) features, plus a
+  batch-hard triplet loss (margin 0.3, Euclidean, mined over both modalities) on the
+  pooled features before BN (§2.4, official code);
+* ``L_IC``: the same classifier on pooled *positive reconstructions* (eq. 3) -- at the
+  conv4 site (layer3 map) the reconstruction is passed through ``layer4`` first -- with
+  the anchor's identity as the target, summed over sites (§2.4, official code);
+* ``L_DT``: the co-attention-weighted dense triplet loss (eqs. 10-11) of
+  :func:`reid_kernels.cmalign`, summed over sites.
+
+The Table-3 switches are config options: ``ic``, ``dt``, ``coattention`` (off = every
+position weighted 1: the dense triplet of cmalign's reconstructions with uniform
+weights) and ``sites`` (subset of [4, 5]; 4 = layer3 / conv4-6, 5 = layer4 / conv5-3).
+Partners are drawn with :func:`reid_kernels.lba_pairs` from the recipe's own seeded
+generator, separately at each site and every step (§2.5).
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+
+import reid_kernels
+from reid_kernels.dense_triplet import masked_dense_triplet
+
+
+def batch_hard_triplet(features: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:
+    """Hermans et al.: for every anchor the farthest positive and nearest negative (Euclidean)."""
+    dist = torch.cdist(features.float(), features.float()).clamp_min(1e-12)
+    same = labels[:, None] == labels[None, :]
+    hardest_pos = dist.masked_fill(~same, float("-inf")).max(1).values
+    hardest_neg = dist.masked_fill(same, float("inf")).min(1).values
+    return F.relu(hardest_pos - hardest_neg + margin).mean()  # MarginRankingLoss(y=1), mean over anchors
+
+
+class LbARecipe:
+    """Computes LbA's losses from a model output; owns the pair-drawing generator."""
+
+    SITES = (4, 5)
+
+    def __init__(self, cfg: dict, num_ids: int, num_pos: int, seed: int = 0):
+        self.cfg = cfg
+        self.num_ids, self.num_pos = num_ids, num_pos
+        self.generator = torch.Generator().manual_seed(int(seed) + 7919)
+        sites = list(cfg["sites"])
+        if not sites or any(s not in self.SITES for s in sites):
+            raise ValueError(f"loss.sites: expected a non-empty subset of {list(self.SITES)}, got {sites}")
+        self.sites = sorted(set(sites))
+        self.needs_alignment = bool(cfg["ic"] or cfg["dt"])
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state) -> None:
+        self.generator.set_state(state["generator"])
+
+    def __call__(self, model, out, labels: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:
+        cfg = self.cfg
+        ce = F.cross_entropy(out.logits.float(), labels)
+        tri = batch_hard_triplet(out.pooled, labels, cfg["triplet_margin"])
+        total = ce + tri
+        logs = {"ce": ce.detach(), "tri": tri.detach()}
+        if self.needs_alignment:
+            ic_total, dt_total = self._alignment_losses(model, out, labels, logs)
+            if cfg["ic"]:
+                total = total + cfg["lambda_ic"] * ic_total
+            if cfg["dt"]:
+                total = total + cfg["lambda_dt"] * dt_total
+        logs["loss"] = total.detach()
+        return total, logs
+
+    def _alignment_losses(self, model, out, labels, logs):
+        cfg = self.cfg
+        ic_total = out.pooled.new_zeros((), dtype=torch.float32)
+        dt_total = out.pooled.new_zeros((), dtype=torch.float32)
+        inner = model.module if hasattr(model, "module") else model
+        for site in self.sites:
+            fmap = (out.feat3 if site == 4 else out.feat4).float()
+            pos_idx, neg_idx = reid_kernels.lba_pairs(self.num_ids, self.num_pos, self.generator)
+            pos_idx, neg_idx = pos_idx.to(fmap.device), neg_idx.to(fmap.device)
+            # CMAlign in float32 even under AMP: beta = 50 sharpens the softmax past bf16/fp16 precision.
+            with torch.autocast(fmap.device.type, enabled=False):
+                aligned = reid_kernels.cmalign(fmap, pos_idx, neg_idx, cfg["beta"], cfg["dt_margin"])
+            if cfg["dt"]:
+                if cfg["coattention"]:
+                    dt = aligned.loss  # eqs. 10-11, weighted by the co-attention A (eq. 9)
+                else:  # Table 3 "A off": every position weighted 1
+                    ones = torch.ones_like(aligned.comask)
+                    with torch.autocast(fmap.device.type, enabled=False):
+                        dt = masked_dense_triplet(fmap, aligned.recon_pos, aligned.recon_neg, ones,
+                                                 cfg["dt_margin"])
+                dt_total = dt_total + dt
+                logs[f"dt{site}"] = dt.detach()
+            if cfg["ic"]:
+                recon = aligned.recon_pos.to(out.feat4.dtype)
+                if site == 4:  # conv4 reconstruction goes through layer4 first (official code)
+                    recon = inner.layer4(recon)
+                logits = inner.head(inner.pool(recon))
+                ic = F.cross_entropy(logits.float(), labels)
+                ic_total = ic_total + ic
+                logs[f"ic{site}"] = ic.detach()
+        return ic_total, dt_total
