@@ -18,6 +18,7 @@
 // (one query row per block), so an 18x9 map (Lk = 162, 41 KB) and a 72x36 map
 // (Lk = 2592, 8 rows, 103 KB) both run; larger maps run row by row up to
 // ~50k positions on an H100.  Beyond that the op raises a clear error.
+// REID_KERNELS_SOFT_WARP_MAX_ROWS (1, 8 or 32) caps BM so tests reach every variant.
 //
 // Backward (recomputation, FlashAttention style; only lse-sized state is saved):
 //   kernel A, per (n, query tile): recomputes the P rows exactly as the forward
@@ -31,8 +32,11 @@
 // reduction: no atomics, results are deterministic.
 //
 // Arithmetic: fp32 accumulation for float16 / bfloat16 / float32 inputs, fp64
-// for float64 (so gradcheck runs on CUDA too).  Scalar FMA tiles; no tensor
-// cores yet (see the report / TODO at the end of the file).
+// for float64 (so gradcheck runs on CUDA too).  Scalar FMA register tiles
+// (2x4 / 4x4 outputs per thread), no tensor cores yet: the natural next step is
+// nvcuda::wmma 16x16x16 fragments (fp32 accumulators) for the two GEMM helpers
+// on half / bfloat16, storing accumulator fragments to the slab and running the
+// epilogues as a separate pass over it.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -40,6 +44,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <tuple>
 #include <type_traits>
 
@@ -437,13 +442,24 @@ at::Tensor column_dots(const at::Tensor& a, const at::Tensor& b, cudaStream_t st
   return out;
 }
 
-// Rows per block (32, 8 or 1) whose slab over `cols` columns fits in `max_smem`
-// bytes; 0 when not even one row fits.
-int rows_per_block(int64_t cols, size_t elem, size_t max_smem) {
-  if (Tile<32>::smem_bytes(cols, elem) <= max_smem) return 32;
-  if (Tile<8>::smem_bytes(cols, elem) <= max_smem) return 8;
+// Rows per block (32, 8 or 1, at most max_rows) whose slab over `cols` columns
+// fits in `max_smem` bytes; 0 when not even one row fits.
+int rows_per_block(int64_t cols, size_t elem, size_t max_smem, int max_rows) {
+  if (max_rows >= 32 && Tile<32>::smem_bytes(cols, elem) <= max_smem) return 32;
+  if (max_rows >= 8 && Tile<8>::smem_bytes(cols, elem) <= max_smem) return 8;
   if (Tile<1>::smem_bytes(cols, elem) <= max_smem) return 1;
   return 0;
+}
+
+// REID_KERNELS_SOFT_WARP_MAX_ROWS=8 or =1 caps the rows per block, so tests can
+// exercise the 8-row and 1-row variants on small maps (default: no cap).
+int max_rows_from_env() {
+  const char* value = std::getenv("REID_KERNELS_SOFT_WARP_MAX_ROWS");
+  if (value == nullptr || *value == '\0') return 32;
+  const int rows = std::atoi(value);
+  TORCH_CHECK(rows == 1 || rows == 8 || rows == 32,
+              "REID_KERNELS_SOFT_WARP_MAX_ROWS: expected 1, 8 or 32, got '", value, "'");
+  return rows;
 }
 
 // Calls f(std::integral_constant<int, BM>{}) for the runtime rows-per-block value.
@@ -458,7 +474,7 @@ void with_rows_per_block(int bm, F&& f) {
 
 int checked_rows_per_block(int64_t cols, size_t elem, const char* what) {
   const size_t max_smem = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
-  const int bm = rows_per_block(cols, elem, max_smem);
+  const int bm = rows_per_block(cols, elem, max_smem, max_rows_from_env());
   TORCH_CHECK(bm > 0, what, ": ", cols, " positions need ", Tile<1>::smem_bytes(cols, elem),
               " bytes of shared memory for one row of the matching probabilities, more than this GPU's ",
               max_smem, " bytes per block; use a smaller feature map");
