@@ -33,18 +33,26 @@
 //
 // Arithmetic: fp32 accumulation for float16 / bfloat16 / float32 inputs, fp64
 // for float64 (so gradcheck runs on CUDA too).  Scalar FMA register tiles
-// (2x4 / 4x4 outputs per thread), no tensor cores yet: the natural next step is
-// nvcuda::wmma 16x16x16 fragments (fp32 accumulators) for the two GEMM helpers
-// on half / bfloat16, storing accumulator fragments to the slab and running the
-// epilogues as a separate pass over it.
+// (2x4 / 4x4 outputs per thread) by default.  Tensor cores (opt-in until verified
+// on a GPU: REID_KERNELS_SOFT_WARP_TENSOR_CORES=1): the logits and dP GEMMs of
+// half / bfloat16 inputs with 32-row tiles run as nvcuda::wmma 16x16x16 fragments
+// with fp32 accumulators.  The products of 16-bit operands are exact in fp32, so
+// this changes only the summation order.  The value / gradient projections keep
+// the fp32 FMA path because their operand P is an fp32 probability (rounding it
+// to 16 bits would cost accuracy).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
+#include <string>
 #include <tuple>
 #include <type_traits>
 
@@ -108,9 +116,9 @@ __device__ __forceinline__ acc_t scaled_logit(acc_t dot, acc_t inv_norm_query, a
 // K contraction rows, then epilogue(r, col, acc) for r < BM, col < cols_padded(LB).
 // A is (K, LA) and B is (K, LB), row-major; reads out of range are zero.
 template <int BM, typename scalar_t, typename acc_t, typename Epilogue>
-__device__ __forceinline__ void gemm_rows_by_columns(const scalar_t* __restrict__ A, int64_t LA, int64_t a0,
-                                                     const scalar_t* __restrict__ B, int64_t LB, int64_t K,
-                                                     acc_t* staging, Epilogue&& epilogue) {
+__device__ __forceinline__ void gemm_rows_by_columns_fma(const scalar_t* __restrict__ A, int64_t LA, int64_t a0,
+                                                         const scalar_t* __restrict__ B, int64_t LB, int64_t K,
+                                                         acc_t* staging, Epilogue&& epilogue) {
   using T = Tile<BM>;
   acc_t* As = staging;               // [BK][BM]
   acc_t* Bs = staging + T::BK * BM;  // [BK][BN]
@@ -157,6 +165,96 @@ __device__ __forceinline__ void gemm_rows_by_columns(const scalar_t* __restrict_
       for (int j = 0; j < T::RN; ++j) epilogue(tr + T::TR * i, b0 + tc + T::TC * j, acc[i][j]);
   }
   __syncthreads();  // the slab written by the epilogues is complete
+}
+
+// 16-bit element type of the tensor-core fragments for scalar_t (void: no tensor cores).
+template <typename scalar_t>
+struct WmmaElement { using type = void; };
+template <>
+struct WmmaElement<at::Half> { using type = __half; };
+template <>
+struct WmmaElement<at::BFloat16> { using type = __nv_bfloat16; };
+
+template <int BM, typename scalar_t>
+constexpr bool kHasTensorCorePath = BM == 32 && !std::is_void_v<typename WmmaElement<scalar_t>::type>;
+
+// (a) on tensor cores, BM = 32 and half / bfloat16 only: the same contract as
+// gemm_rows_by_columns_fma.  The 32 x 64 output tile is 2 x 4 wmma 16x16x16
+// fragments, one per warp, fp32 accumulators; operands are staged as raw 16-bit
+// values (the products of two 16-bit floats are exact in fp32, so this is as
+// accurate as the FMA path; only the summation order differs).  The accumulators
+// go through an fp32 tile in shared memory, from which every thread runs the
+// epilogue on its elements.
+template <int BM, typename scalar_t, typename acc_t, typename Epilogue>
+__device__ __forceinline__ void gemm_rows_by_columns_wmma(const scalar_t* __restrict__ A, int64_t LA, int64_t a0,
+                                                          const scalar_t* __restrict__ B, int64_t LB, int64_t K,
+                                                          acc_t* staging, Epilogue&& epilogue) {
+  static_assert(kHasTensorCorePath<BM, scalar_t>, "tensor-core path: BM == 32, half / bfloat16");
+  using element_t = typename WmmaElement<scalar_t>::type;
+  namespace wmma = nvcuda::wmma;
+  constexpr int F = 16;         // fragment edge
+  constexpr int TBN = 64;       // columns per tile: 4 fragments
+  constexpr int TBK = F;        // contraction chunk: one fragment deep
+  static_assert((BM / F) * (TBN / F) == kWarps, "one fragment per warp");
+  static_assert(Tile<BM>::BN % TBN == 0, "tiles must cover cols_padded");
+  // Staging (byte offsets are multiples of 32, as wmma requires): A chunk
+  // column-major [TBK][BM], B chunk row-major [TBK][TBN], fp32 result [BM][TBN].
+  uint16_t* As = reinterpret_cast<uint16_t*>(staging);
+  uint16_t* Bs = As + TBK * BM;
+  float* Cs = reinterpret_cast<float*>(Bs + TBK * TBN);
+  static_assert((TBK * BM + TBK * TBN) * 2 + BM * TBN * 4 <= Tile<BM>::kStaging * sizeof(float),
+                "wmma staging fits the staging area");
+  const uint16_t* A16 = reinterpret_cast<const uint16_t*>(A);  // raw bits: c10::Half / BFloat16 are 16-bit PODs
+  const uint16_t* B16 = reinterpret_cast<const uint16_t*>(B);
+  const int tid = threadIdx.x;
+  const int warp = tid / kWarp;
+  const int frag_r = warp / (TBN / F);  // fragment row 0..1
+  const int frag_c = warp % (TBN / F);  // fragment column 0..3
+  const int64_t cols = Tile<BM>::cols_padded(LB);
+  for (int64_t b0 = 0; b0 < cols; b0 += TBN) {
+    wmma::fragment<wmma::accumulator, F, F, F, float> acc;
+    wmma::fill_fragment(acc, 0.0f);
+    for (int64_t k0 = 0; k0 < K; k0 += TBK) {
+      __syncthreads();  // the previous chunk has been consumed
+      for (int e = tid; e < TBK * BM; e += kThreads) {
+        const int k = e / BM, r = e % BM;
+        const bool inside = k0 + k < K && a0 + r < LA;
+        As[e] = inside ? A16[(k0 + k) * LA + a0 + r] : uint16_t(0);  // 0 bits = +0.0 in both formats
+      }
+      for (int e = tid; e < TBK * TBN; e += kThreads) {
+        const int k = e / TBN, c = e % TBN;
+        const bool inside = k0 + k < K && b0 + c < LB;
+        Bs[e] = inside ? B16[(k0 + k) * LB + b0 + c] : uint16_t(0);
+      }
+      __syncthreads();
+      wmma::fragment<wmma::matrix_a, F, F, F, element_t, wmma::col_major> a;  // a(r, k) = As[k * BM + r]
+      wmma::fragment<wmma::matrix_b, F, F, F, element_t, wmma::row_major> b;  // b(k, c) = Bs[k * TBN + c]
+      wmma::load_matrix_sync(a, reinterpret_cast<const element_t*>(As + frag_r * F), BM);
+      wmma::load_matrix_sync(b, reinterpret_cast<const element_t*>(Bs + frag_c * F), TBN);
+      wmma::mma_sync(acc, a, b, acc);
+    }
+    __syncthreads();  // every thread is done with the previous tile's Cs (also when K == 0)
+    wmma::store_matrix_sync(Cs + frag_r * F * TBN + frag_c * F, acc, TBN, wmma::mem_row_major);
+    __syncthreads();
+    for (int e = tid; e < BM * TBN; e += kThreads) {
+      epilogue(e / TBN, b0 + e % TBN, static_cast<acc_t>(Cs[e]));
+    }
+  }
+  __syncthreads();  // the slab written by the epilogues is complete
+}
+
+// (a), on tensor cores when asked and available (BM = 32, half / bfloat16), else FMA tiles.
+template <int BM, typename scalar_t, typename acc_t, typename Epilogue>
+__device__ __forceinline__ void gemm_rows_by_columns(bool tensor_cores, const scalar_t* __restrict__ A, int64_t LA,
+                                                     int64_t a0, const scalar_t* __restrict__ B, int64_t LB,
+                                                     int64_t K, acc_t* staging, Epilogue&& epilogue) {
+  if constexpr (kHasTensorCorePath<BM, scalar_t>) {
+    if (tensor_cores) {
+      gemm_rows_by_columns_wmma<BM>(A, LA, a0, B, LB, K, staging, epilogue);
+      return;
+    }
+  }
+  gemm_rows_by_columns_fma<BM>(A, LA, a0, B, LB, K, staging, epilogue);
 }
 
 // (b): out[c][r] = sum_j G[c][j] buf[r][j] for c < Cout (BC at a time), r < BM,
@@ -234,7 +332,7 @@ __device__ __forceinline__ void softmax_rows_in_place(acc_t* buf, int64_t lds, i
 // Dynamic shared memory: the BM x ld slab followed by the staging area.
 template <typename acc_t>
 __device__ __forceinline__ acc_t* dynamic_smem() {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  extern __shared__ __align__(128) unsigned char smem_raw[];  // wmma needs 32-byte alignment
   return reinterpret_cast<acc_t*>(smem_raw);
 }
 
@@ -244,7 +342,7 @@ __global__ void __launch_bounds__(kThreads)
     soft_warp_fwd_kernel(const scalar_t* __restrict__ query, const scalar_t* __restrict__ key,
                          const scalar_t* __restrict__ value, const at::opmath_type<scalar_t>* __restrict__ inv_norm_q,
                          const at::opmath_type<scalar_t>* __restrict__ inv_norm_k, at::opmath_type<scalar_t> t,
-                         int64_t C, int64_t Cv, int64_t Lq, int64_t Lk, scalar_t* __restrict__ out,
+                         bool tensor_cores, int64_t C, int64_t Cv, int64_t Lq, int64_t Lk, scalar_t* __restrict__ out,
                          float* __restrict__ lse) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t lds = Tile<BM>::ld(Lk);
@@ -259,7 +357,7 @@ __global__ void __launch_bounds__(kThreads)
   const acc_t* rk = inv_norm_k + n * Lk;
 
   // eq. 1 (times t): buf[r][q] = t cos(query[:, p0 + r], key[:, q]).
-  gemm_rows_by_columns<BM>(qn, Lq, p0, kn, Lk, C, staging, [=](int r, int64_t q, acc_t dot) {
+  gemm_rows_by_columns<BM>(tensor_cores, qn, Lq, p0, kn, Lk, C, staging, [=](int r, int64_t q, acc_t dot) {
     const int64_t p = p0 + r;
     buf[r * lds + q] = scaled_logit(dot, p < Lq ? rq[p] : acc_t(0), q < Lk ? rk[q] : acc_t(0), t);
   });
@@ -282,7 +380,7 @@ __global__ void __launch_bounds__(kThreads)
                                const at::opmath_type<scalar_t>* __restrict__ inv_norm_q,
                                const at::opmath_type<scalar_t>* __restrict__ inv_norm_k,
                                const at::opmath_type<scalar_t>* __restrict__ delta, at::opmath_type<scalar_t> t,
-                               int64_t C, int64_t Cv, int64_t Lq, int64_t Lk,
+                               bool tensor_cores, int64_t C, int64_t Cv, int64_t Lq, int64_t Lk,
                                at::opmath_type<scalar_t>* __restrict__ lse_recomputed,
                                at::opmath_type<scalar_t>* __restrict__ grad_query_hat) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -300,13 +398,13 @@ __global__ void __launch_bounds__(kThreads)
   const acc_t* dn = delta + n * Lq;
 
   // eqs. 1-2 recomputed with the forward's exact code path: buf = P rows.
-  gemm_rows_by_columns<BM>(qn, Lq, p0, kn, Lk, C, staging, [=](int r, int64_t q, acc_t dot) {
+  gemm_rows_by_columns<BM>(tensor_cores, qn, Lq, p0, kn, Lk, C, staging, [=](int r, int64_t q, acc_t dot) {
     const int64_t p = p0 + r;
     buf[r * lds + q] = scaled_logit(dot, p < Lq ? rq[p] : acc_t(0), q < Lk ? rk[q] : acc_t(0), t);
   });
   softmax_rows_in_place<BM>(buf, lds, Lk, p0, Lq, lse_recomputed + n * Lq);
   // dP[p, q] = grad_out[:, p] . value[:, q]; buf <- dS[p, q] * inv_norm_k[q].
-  gemm_rows_by_columns<BM>(don, Lq, p0, vn, Lk, Cv, staging, [=](int r, int64_t q, acc_t dp) {
+  gemm_rows_by_columns<BM>(tensor_cores, don, Lq, p0, vn, Lk, Cv, staging, [=](int r, int64_t q, acc_t dp) {
     const int64_t p = p0 + r;
     acc_t& cell = buf[r * lds + q];
     cell = (p < Lq && q < Lk) ? t * cell * (dp - dn[p]) * rk[q] : acc_t(0);
@@ -328,7 +426,7 @@ __global__ void __launch_bounds__(kThreads)
                              const at::opmath_type<scalar_t>* __restrict__ inv_norm_k,
                              const at::opmath_type<scalar_t>* __restrict__ delta,
                              const at::opmath_type<scalar_t>* __restrict__ lse, at::opmath_type<scalar_t> t,
-                             int64_t C, int64_t Cv, int64_t Lq, int64_t Lk, scalar_t* __restrict__ grad_value,
+                             bool tensor_cores, int64_t C, int64_t Cv, int64_t Lq, int64_t Lk, scalar_t* __restrict__ grad_value,
                              at::opmath_type<scalar_t>* __restrict__ grad_key_hat) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t lds = Tile<BM>::ld(Lq);
@@ -346,7 +444,7 @@ __global__ void __launch_bounds__(kThreads)
   const acc_t* ln = lse + n * Lq;
 
   // P^T[q, p] = exp(t S[p, q] - lse[p])  (eqs. 1-2; same logit expression as the forward).
-  gemm_rows_by_columns<BM>(kn, Lk, q0, qn, Lq, C, staging, [=](int r, int64_t p, acc_t dot) {
+  gemm_rows_by_columns<BM>(tensor_cores, kn, Lk, q0, qn, Lq, C, staging, [=](int r, int64_t p, acc_t dot) {
     const int64_t q = q0 + r;
     buf[r * lds + p] = (q < Lk && p < Lq) ? acc_exp(scaled_logit(dot, rq[p], rk[q], t) - ln[p]) : acc_t(0);
   });
@@ -356,7 +454,7 @@ __global__ void __launch_bounds__(kThreads)
     if (c < Cv && q0 + r < Lk) gvn[c * Lk + q0 + r] = static_cast<scalar_t>(v);
   });
   // dP^T[q, p] = value[:, q] . grad_out[:, p]; buf <- dS^T[q, p] * inv_norm_q[p].
-  gemm_rows_by_columns<BM>(vn, Lk, q0, don, Lq, Cv, staging, [=](int r, int64_t p, acc_t dp) {
+  gemm_rows_by_columns<BM>(tensor_cores, vn, Lk, q0, don, Lq, Cv, staging, [=](int r, int64_t p, acc_t dp) {
     const int64_t q = q0 + r;
     acc_t& cell = buf[r * lds + p];
     cell = (q < Lk && p < Lq) ? t * cell * (dp - dn[p]) * rq[p] : acc_t(0);
@@ -462,6 +560,13 @@ int max_rows_from_env() {
   return rows;
 }
 
+// REID_KERNELS_SOFT_WARP_TENSOR_CORES=1 runs the logits / dP GEMMs of half and
+// bfloat16 inputs on tensor cores (wmma).  Off by default until verified on a GPU.
+bool tensor_cores_from_env() {
+  const char* value = std::getenv("REID_KERNELS_SOFT_WARP_TENSOR_CORES");
+  return value != nullptr && std::string(value) == "1";
+}
+
 // Calls f(std::integral_constant<int, BM>{}) for the runtime rows-per-block value.
 template <typename F>
 void with_rows_per_block(int bm, F&& f) {
@@ -525,6 +630,7 @@ std::tuple<at::Tensor, at::Tensor> soft_warp_fwd_cuda(const at::Tensor& query, c
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor inv_norm_q = inverse_column_norms(query, stream);
   const at::Tensor inv_norm_k = inverse_column_norms(key, stream);
+  const bool tensor_cores = tensor_cores_from_env();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "soft_warp_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -537,7 +643,7 @@ std::tuple<at::Tensor, at::Tensor> soft_warp_fwd_cuda(const at::Tensor& query, c
       const dim3 grid(static_cast<unsigned>(ceil_div(Lq, BM)), static_cast<unsigned>(N));
       kernel<<<grid, kThreads, smem, stream>>>(query.data_ptr<scalar_t>(), key.data_ptr<scalar_t>(),
                                                value.data_ptr<scalar_t>(), inv_norm_q.data_ptr<acc_t>(),
-                                               inv_norm_k.data_ptr<acc_t>(), static_cast<acc_t>(temperature), C,
+                                               inv_norm_k.data_ptr<acc_t>(), static_cast<acc_t>(temperature), tensor_cores, C,
                                                Cv, Lq, Lk, out.data_ptr<scalar_t>(), lse.data_ptr<float>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -587,6 +693,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_warp_bwd_cuda(const at::Tens
   at::Tensor lse_acc = at::empty({N, Lq}, acc_options);
   at::Tensor grad_query_hat = at::empty({N, C, Lq}, acc_options);
   at::Tensor grad_key_hat = at::empty({N, C, Lk}, acc_options);
+  const bool tensor_cores = tensor_cores_from_env();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "soft_warp_bwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -601,7 +708,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_warp_bwd_cuda(const at::Tens
       kernel<<<grid, kThreads, smem, stream>>>(
           dout.data_ptr<scalar_t>(), query.data_ptr<scalar_t>(), key.data_ptr<scalar_t>(),
           value.data_ptr<scalar_t>(), inv_norm_q.data_ptr<acc_t>(), inv_norm_k.data_ptr<acc_t>(),
-          delta.data_ptr<acc_t>(), t, C, Cv, Lq, Lk, lse_acc.data_ptr<acc_t>(), grad_query_hat.data_ptr<acc_t>());
+          delta.data_ptr<acc_t>(), t, tensor_cores, C, Cv, Lq, Lk, lse_acc.data_ptr<acc_t>(), grad_query_hat.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     // Kernel B: key tiles, slab over the Lq query positions (runs after A on the stream).
@@ -614,7 +721,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_warp_bwd_cuda(const at::Tens
       kernel<<<grid, kThreads, smem, stream>>>(
           dout.data_ptr<scalar_t>(), query.data_ptr<scalar_t>(), key.data_ptr<scalar_t>(),
           value.data_ptr<scalar_t>(), inv_norm_q.data_ptr<acc_t>(), inv_norm_k.data_ptr<acc_t>(),
-          delta.data_ptr<acc_t>(), lse_acc.data_ptr<acc_t>(), t, C, Cv, Lq, Lk, grad_value.data_ptr<scalar_t>(),
+          delta.data_ptr<acc_t>(), lse_acc.data_ptr<acc_t>(), t, tensor_cores, C, Cv, Lq, Lk, grad_value.data_ptr<scalar_t>(),
           grad_key_hat.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
