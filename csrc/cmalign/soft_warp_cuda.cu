@@ -175,6 +175,16 @@ struct WmmaElement<at::Half> { using type = __half; };
 template <>
 struct WmmaElement<at::BFloat16> { using type = __nv_bfloat16; };
 
+// wmma on bfloat16 needs sm_80, on half sm_70: older targets compile only the FMA path.
+template <typename scalar_t>
+__host__ __device__ constexpr bool wmma_on_this_arch() {
+#if defined(__CUDA_ARCH__)
+  return std::is_same_v<scalar_t, at::BFloat16> ? __CUDA_ARCH__ >= 800 : __CUDA_ARCH__ >= 700;
+#else
+  return true;
+#endif
+}
+
 template <int BM, typename scalar_t>
 constexpr bool kHasTensorCorePath = BM == 32 && !std::is_void_v<typename WmmaElement<scalar_t>::type>;
 
@@ -248,7 +258,7 @@ template <int BM, typename scalar_t, typename acc_t, typename Epilogue>
 __device__ __forceinline__ void gemm_rows_by_columns(bool tensor_cores, const scalar_t* __restrict__ A, int64_t LA,
                                                      int64_t a0, const scalar_t* __restrict__ B, int64_t LB,
                                                      int64_t K, acc_t* staging, Epilogue&& epilogue) {
-  if constexpr (kHasTensorCorePath<BM, scalar_t>) {
+  if constexpr (kHasTensorCorePath<BM, scalar_t> && wmma_on_this_arch<scalar_t>()) {
     if (tensor_cores) {
       gemm_rows_by_columns_wmma<BM>(A, LA, a0, B, LB, K, staging, epilogue);
       return;
