@@ -1,16 +1,16 @@
 """torch.nn modules built on reid_kernels operators."""
-from __future__ import annotations
-
-from typing import Optional
-
-import torch
-
-from ._validate import check_finite_float, check_positive_float, check_tensor
-from .cmalign import CMAlignOutput, cmalign
-from .pairs import lba_pairs
+import torch  # noqa: F401
 
 
 # ---- CMAlign ----
+# LbA (seed 001, ALGORITHMS.md §2): the non-parametric CMAlign module on [visible; infrared].
+from typing import Optional as _Optional  # noqa: E402
+
+from ._validate import check_finite_float as _check_finite_float  # noqa: E402
+from ._validate import check_positive_float as _check_positive_float  # noqa: E402
+from ._validate import check_tensor as _check_tensor  # noqa: E402
+from .cmalign import CMAlignOutput, cmalign as _cmalign  # noqa: E402
+from .pairs import lba_pairs as _lba_pairs  # noqa: E402
 
 
 class CMAlign(torch.nn.Module):
@@ -39,8 +39,8 @@ class CMAlign(torch.nn.Module):
 
     def __init__(self, temperature: float = 50.0, margin: float = 0.3, num_pos: int = 4):
         super().__init__()
-        self.temperature = check_positive_float("temperature", temperature)
-        self.margin = check_finite_float("margin", margin)
+        self.temperature = _check_positive_float("temperature", temperature)
+        self.margin = _check_finite_float("margin", margin)
         self.num_pos = _check_num_pos(num_pos)
 
     def extra_repr(self) -> str:
@@ -50,14 +50,14 @@ class CMAlign(torch.nn.Module):
         self,
         feat_v: torch.Tensor,
         feat_t: torch.Tensor,
-        pos_idx: Optional[torch.Tensor] = None,
-        neg_idx: Optional[torch.Tensor] = None,
+        pos_idx: _Optional[torch.Tensor] = None,
+        neg_idx: _Optional[torch.Tensor] = None,
         *,
-        num_pos: Optional[int] = None,
-        generator: Optional[torch.Generator] = None,
+        num_pos: _Optional[int] = None,
+        generator: _Optional[torch.Generator] = None,
     ) -> CMAlignOutput:
-        check_tensor("feat_v", feat_v, ndim=4, floating=True)
-        check_tensor("feat_t", feat_t, ndim=4, floating=True)
+        _check_tensor("feat_v", feat_v, ndim=4, floating=True)
+        _check_tensor("feat_t", feat_t, ndim=4, floating=True)
         if feat_t.shape != feat_v.shape:
             raise ValueError(f"feat_t: expected shape {tuple(feat_v.shape)} (like feat_v), got {tuple(feat_t.shape)}")
         if (pos_idx is None) != (neg_idx is None):
@@ -71,9 +71,9 @@ class CMAlign(torch.nn.Module):
                     f"feat_v: expected a batch of num_ids * num_pos images with num_ids >= 2 and "
                     f"num_pos = {per_id}, got {batch} images"
                 )
-            pos_idx, neg_idx = lba_pairs(batch // per_id, per_id, generator=generator)
+            pos_idx, neg_idx = _lba_pairs(batch // per_id, per_id, generator=generator)
         feat = torch.cat([feat_v, feat_t], dim=0)
-        return cmalign(feat, pos_idx, neg_idx, self.temperature, self.margin)
+        return _cmalign(feat, pos_idx, neg_idx, self.temperature, self.margin)
 
 
 def _check_num_pos(value) -> int:
