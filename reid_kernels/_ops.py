@@ -2,15 +2,81 @@
 
 Schemas are in csrc/ops.cpp; kernels in csrc/<op>/<op>_{cpu.cpp,cuda.cu}.
 """
-import torch  # noqa: F401
+import torch
+
+from ._extension import extension_available
+
+
+# ---- CMAlign ----
+# person_mask(feat (N, C, L)) -> (N, L), no gradient (LbA detaches the mask);
+# soft_warp_fwd(query (N, C, Lq), key (N, C, Lk), value (N, Cv, Lk), t) -> (out (N, Cv, Lq),
+# lse (N, Lq) float32); its backward is the soft_warp_bwd operator (lse gets no gradient).
+# The fake kernels give torch.compile and the meta device shapes and dtypes.
+
+
+def _register_cmalign() -> None:
+    @torch.library.register_fake("reid_kernels::person_mask")
+    def _person_mask_fake(feat):
+        return feat.new_empty((feat.shape[0], feat.shape[2]))
+
+    def _person_mask_setup(ctx, inputs, output):
+        ctx.mark_non_differentiable(output)  # the mask is detached (LbA code)
+
+    def _person_mask_backward(ctx, grad_mask):
+        return None
+
+    torch.library.register_autograd(
+        "reid_kernels::person_mask", _person_mask_backward, setup_context=_person_mask_setup
+    )
+
+    @torch.library.register_fake("reid_kernels::soft_warp_fwd")
+    def _soft_warp_fwd_fake(query, key, value, temperature):
+        n, _, lq = query.shape
+        out = query.new_empty((n, value.shape[1], lq))
+        lse = query.new_empty((n, lq), dtype=torch.float32)
+        return out, lse
+
+    @torch.library.register_fake("reid_kernels::soft_warp_bwd")
+    def _soft_warp_bwd_fake(grad_out, query, key, value, out, lse, temperature):
+        return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+    def _soft_warp_setup(ctx, inputs, output):
+        query, key, value, temperature = inputs
+        out, lse = output
+        ctx.save_for_backward(query, key, value, out, lse)
+        ctx.temperature = temperature
+        ctx.mark_non_differentiable(lse)
+
+    def _soft_warp_backward(ctx, grad_out, grad_lse):
+        # lse is non-differentiable, so grad_lse carries nothing.
+        query, key, value, out, lse = ctx.saved_tensors
+        if grad_out is None:
+            return None, None, None, None
+        grad_query, grad_key, grad_value = torch.ops.reid_kernels.soft_warp_bwd(
+            grad_out.contiguous(), query, key, value, out, lse, ctx.temperature
+        )
+        needs = ctx.needs_input_grad
+        return (
+            grad_query if needs[0] else None,
+            grad_key if needs[1] else None,
+            grad_value if needs[2] else None,
+            None,
+        )
+
+    torch.library.register_autograd(
+        "reid_kernels::soft_warp_fwd", _soft_warp_backward, setup_context=_soft_warp_setup
+    )
+
+
+if extension_available():
+    _register_cmalign()
 
 
 # ---- Dense triplet ----
 # masked_dense_triplet_fwd/bwd (LbA eqs. 10-11).  The weight (LbA's detached
 # co-attention) and the margin receive no gradient.
-from ._extension import extension_available as _extension_available  # noqa: E402
 
-if _extension_available():
+if extension_available():
 
     @torch.library.register_fake("reid_kernels::masked_dense_triplet_fwd")
     def _masked_dense_triplet_fwd_fake(anchor, positive, negative, weight, margin):
@@ -42,7 +108,7 @@ if _extension_available():
 
 # ---- Memory banks ----
 # memory_update_ mutates the bank and returns nothing; no autograd (banks get no gradient).
-if _extension_available():
+if extension_available():
 
     @torch.library.register_fake("reid_kernels::memory_update_")
     def _memory_update_fake(memory, features, labels, momentum, update_mode, normalize):

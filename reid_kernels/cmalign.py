@@ -1,2 +1,212 @@
-"""CMAlign public entry points (placeholder: forwards to the reference until the kernels land)."""
-from .reference import CMAlignOutput, cmalign, person_mask, soft_warp  # noqa: F401
+"""LbA's CMAlign (seed 001, eqs. 1-11) on the fused reid_kernels operators.
+
+* :func:`person_mask` -- eqs. 5-7, one pass per sample, no gradient;
+* :func:`soft_warp` -- eqs. 1, 2, 4: cosine similarity, softmax and warp in one
+  operator that never stores the (H*W, H2*W2) probabilities (its backward
+  recomputes them from the saved log-sum-exp);
+* :func:`cmalign` -- the whole module (eqs. 1-11) for a batch with positive and
+  negative partners, equal to :func:`reid_kernels.reference.cmalign` to float
+  rounding.
+
+Each has a plain-PyTorch twin in :mod:`reid_kernels.reference`.  The
+operators take contiguous ``(N, C, L)`` maps; these wrappers check the
+arguments (every message names the argument, what was expected and what
+came), flatten the maps and reshape the results.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _ops  # noqa: F401  (autograd and fake registrations of the operators)
+from ._extension import require_backend_for
+from ._validate import (
+    check_finite_float,
+    check_index,
+    check_positive_float,
+    check_same_device,
+    check_same_dtype,
+    check_tensor,
+)
+from .dense_triplet import masked_dense_triplet
+from .pairs import lba_pairs  # noqa: F401  (re-exported: partners for cmalign)
+from .reference import MINMAX_EPS, CMAlignOutput
+
+__all__ = ["CMAlignOutput", "cmalign", "lba_pairs", "person_mask", "soft_warp"]
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------
+# Argument checks.
+
+
+def _check_map(name: str, value) -> torch.Tensor:
+    """A non-empty (N, C, H, W) floating-point feature map."""
+    check_tensor(name, value, ndim=4, dtypes=FLOAT_DTYPES)
+    return value
+
+
+def _check_batch_and_channels(name: str, value: torch.Tensor, query: torch.Tensor, channels: bool) -> None:
+    if value.shape[0] != query.shape[0]:
+        raise ValueError(
+            f"{name}: expected batch size {query.shape[0]} (like query), got {value.shape[0]} "
+            f"(shape {tuple(value.shape)})"
+        )
+    if channels and value.shape[1] != query.shape[1]:
+        raise ValueError(
+            f"{name}: expected {query.shape[1]} channels (like query), got {value.shape[1]} "
+            f"(shape {tuple(value.shape)})"
+        )
+
+
+def _check_partners(name: str, index, batch: int, feat: torch.Tensor) -> torch.Tensor:
+    """Partner indices: int64/int32, shape (batch,), values in [0, batch)."""
+    if not torch.compiler.is_compiling():
+        return check_index(name, index, batch, feat)
+    # Under torch.compile, checking the values would read the indices back to
+    # Python (a graph break); the gather itself still bound-checks them.
+    if not isinstance(index, torch.Tensor) or index.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name}: expected an int64 (or int32) index tensor, got {type(index).__name__}")
+    if index.dim() != 1 or index.shape[0] != batch:
+        raise ValueError(f"{name}: expected shape ({batch},) (one partner per anchor), got {tuple(index.shape)}")
+    return index.to(device=feat.device, dtype=torch.long)
+
+
+def _positions(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> contiguous (N, C, H*W): a view for NCHW-contiguous maps, else one copy."""
+    return x.reshape(x.shape[0], x.shape[1], -1).contiguous()
+
+
+# ---------------------------------------------------------------------------
+# Public operators.
+
+
+def person_mask(feat: torch.Tensor) -> torch.Tensor:
+    """LbA eqs. 5-7: parameter-free person mask of each feature map.
+
+    Args:
+        feat: ``(N, C, H, W)`` feature maps (float32/float64; float16/bfloat16 too).
+
+    Returns:
+        ``(N, H, W)`` in ``feat``'s dtype: the L2 norm over channels at each position,
+        min-max normalised over the positions of each sample (in float32, denominator
+        ``(max - min) + 1e-12``), so a map whose norms are all equal gives zeros.
+        Carries no gradient (LbA detaches the mask).
+    """
+    _check_map("feat", feat)
+    require_backend_for(feat, "feat")
+    n, _, h, w = feat.shape
+    return torch.ops.reid_kernels.person_mask(_positions(feat.detach())).view(n, h, w)
+
+
+def soft_warp(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: Optional[torch.Tensor] = None,
+    temperature: float = 50.0,
+) -> torch.Tensor:
+    """LbA eqs. 1, 2, 4: warp ``value`` onto the query's grid by cosine matching.
+
+    ``out[n, :, p] = sum_q softmax_q(temperature * cos(query[n, :, p], key[n, :, q])) * value[n, :, q]``
+
+    Args:
+        query: ``(N, C, H, W)`` maps whose positions are rebuilt.
+        key: ``(N, C, H2, W2)`` maps they are matched against (any spatial size).
+        value: ``(N, Cv, H2, W2)`` maps that are warped; defaults to ``key``.
+        temperature: inverse temperature beta > 0 of the softmax (LbA: 50).
+
+    Returns:
+        ``(N, Cv, H, W)`` in the query's dtype, differentiable in query, key and value.
+        Cosines use ``x / max(||x||, 1e-12)``, so an all-zero vector matches everything
+        with cosine 0.  Memory is O(N * C * positions): the probabilities are never stored.
+    """
+    _check_map("query", query)
+    _check_map("key", key)
+    value_is_key = value is None or value is key
+    value = key if value is None else _check_map("value", value)
+    named = [("query", query), ("key", key), ("value", value)]
+    check_same_device(named)
+    check_same_dtype(named)
+    _check_batch_and_channels("key", key, query, channels=True)
+    _check_batch_and_channels("value", value, query, channels=False)
+    if value.shape[2:] != key.shape[2:]:
+        raise ValueError(
+            f"value: expected spatial size {tuple(key.shape[2:])} (like key), got {tuple(value.shape[2:])}"
+        )
+    temperature = check_positive_float("temperature", temperature)
+    require_backend_for(query, "query")
+
+    n, _, h, w = query.shape
+    key_positions = _positions(key)
+    value_positions = key_positions if value_is_key else _positions(value)
+    out, _ = torch.ops.reid_kernels.soft_warp_fwd(_positions(query), key_positions, value_positions, temperature)
+    return out.view(n, value.shape[1], h, w)
+
+
+def _minmax_per_sample(x: torch.Tensor) -> torch.Tensor:
+    """Min-max over dim 1 of (N, L), in float32 with reference.MINMAX_EPS; detached."""
+    flat = x.detach().float()
+    lo, hi = torch.aminmax(flat, dim=1, keepdim=True)
+    return ((flat - lo) / (hi - lo + MINMAX_EPS)).to(x.dtype)
+
+
+def cmalign(
+    feat: torch.Tensor,
+    pos_idx: torch.Tensor,
+    neg_idx: torch.Tensor,
+    temperature: float = 50.0,
+    margin: float = 0.3,
+) -> CMAlignOutput:
+    """LbA's CMAlign on a batch of feature maps (eqs. 1-11), fused.
+
+    Anchor ``i`` is rebuilt from its positive partner ``feat[pos_idx[i]]`` and its
+    negative partner ``feat[neg_idx[i]]`` (draw them with :func:`reid_kernels.lba_pairs`
+    for an LbA batch ``[visible; infrared]``).
+
+    Args:
+        feat: ``(N, C, H, W)`` feature maps.
+        pos_idx, neg_idx: ``(N,)`` int64 (or int32) partner indices in ``[0, N)``.
+        temperature: inverse softmax temperature beta > 0 (LbA: 50).
+        margin: dense-triplet margin (LbA: 0.3).
+
+    Returns:
+        :class:`CMAlignOutput` ``(recon_pos, recon_neg, comask, loss)``, exactly the
+        semantics of :func:`reid_kernels.reference.cmalign`: reconstructions (eq. 3)
+        ``(N, C, H, W)``, co-attention with the positive partner (eq. 9, min-max
+        normalised, detached) ``(N, H, W)`` and the mean masked dense triplet loss
+        (eqs. 10-11).  Gradients reach ``feat`` through the similarities, softmax,
+        warps and distances, including through the partners; the masks carry none.
+
+    Cost: one :func:`soft_warp` pass per partner.  The positive pass warps the
+    partner's features and its person mask together (the mask rides along as one
+    extra value channel), so the co-attention needs no second similarity.
+    """
+    _check_map("feat", feat)
+    batch = feat.shape[0]
+    pos_idx = _check_partners("pos_idx", pos_idx, batch, feat)
+    neg_idx = _check_partners("neg_idx", neg_idx, batch, feat)
+    temperature = check_positive_float("temperature", temperature)
+    margin = check_finite_float("margin", margin)
+    require_backend_for(feat, "feat")
+
+    n, c, h, w = feat.shape
+    x = _positions(feat)
+    mask = torch.ops.reid_kernels.person_mask(x.detach())  # eqs. 5-7, (N, L)
+
+    key_pos = x[pos_idx]
+    value_pos = torch.cat([key_pos, mask[pos_idx].unsqueeze(1)], dim=1)  # features + partner mask
+    warped_pos, _ = torch.ops.reid_kernels.soft_warp_fwd(x, key_pos, value_pos, temperature)  # eqs. 1, 2, 4
+    key_neg = x[neg_idx]
+    warped_neg, _ = torch.ops.reid_kernels.soft_warp_fwd(x, key_neg, key_neg, temperature)
+
+    weight = mask.unsqueeze(1)
+    recon_pos = torch.lerp(x, warped_pos[:, :c], weight)  # eq. 3: m * W(f) + (1 - m) * f
+    recon_neg = torch.lerp(x, warped_neg, weight)
+    comask = _minmax_per_sample(mask * warped_pos[:, c].detach())  # eq. 9, detached
+
+    maps = (n, c, h, w)
+    recon_pos, recon_neg, comask = recon_pos.view(maps), recon_neg.view(maps), comask.view(n, h, w)
+    loss = masked_dense_triplet(x.view(maps), recon_pos, recon_neg, comask, margin)  # eqs. 10-11
+    return CMAlignOutput(recon_pos, recon_neg, comask, loss)

@@ -1,0 +1,384 @@
+// CPU kernels of reid_kernels::soft_warp_fwd / soft_warp_bwd (LbA eqs. 1, 2, 4).
+//
+// Per sample n, with q_hat / k_hat the columns of query / key divided by
+// max(||.||_2, 1e-12) (reference.py's normalisation):
+//   S[p, j] = q_hat[:, p] . k_hat[:, j]                      (eq. 1, cosine)
+//   P[p, :] = softmax_j(t * S[p, :]),  lse[p] = logsumexp_j  (eq. 2)
+//   out[:, p] = sum_j P[p, j] value[:, j]                    (eq. 4)
+//
+// Design: the matrix products go to ATen's BLAS (at::mm_out / addmm_ on
+// slices, no copies); everything element-wise is fused into one pass over a
+// block of query rows held in a scratch buffer, so the (Lq, Lk) matrices are
+// never materialised for the whole batch and memory stays O(block * Lk) per
+// thread.  Normalised copies of query and key are never made either: the raw
+// products are scaled by the inverse norms inside the fused pass.
+//
+// The backward recomputes S and P block by block (only `lse` is saved) and
+// renormalises each recomputed row of P, so float64 gradients stay exact
+// although `lse` is stored in float32.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+namespace reid_kernels {
+namespace {
+
+constexpr double kNormEps = 1e-12;            // F.normalize's eps (reference.py)
+constexpr int64_t kScratchElems = 1 << 18;     // one scratch block: rows * Lk elements (1 MiB in float32)
+constexpr int64_t kMinBlockRows = 32;          // keeps the blocked matrix products efficient
+constexpr int64_t kElementwiseGrain = 1 << 14; // elements per task of the element-wise loops
+
+// ---------------------------------------------------------------------------
+// Argument checks (the Python wrappers check first; these guard direct calls).
+
+void check_map(const at::Tensor& t, const char* name, const at::Tensor& query) {
+  TORCH_CHECK(t.dim() == 3, name, ": expected a 3-D (N, C, L) tensor, got shape ", t.sizes());
+  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got one on ", t.device());
+  TORCH_CHECK(t.scalar_type() == query.scalar_type(), name, ": expected dtype ", query.scalar_type(),
+              " (like query), got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor, got strides ", t.strides());
+}
+
+struct Dims {
+  int64_t N, C, Cv, Lq, Lk;
+};
+
+Dims check_inputs(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, double temperature) {
+  TORCH_CHECK(at::isFloatingType(query.scalar_type()), "query: expected a floating-point tensor, got dtype ",
+              query.scalar_type());
+  check_map(query, "query", query);
+  check_map(key, "key", query);
+  check_map(value, "value", query);
+  const Dims d{query.size(0), query.size(1), value.size(1), query.size(2), key.size(2)};
+  TORCH_CHECK(key.size(0) == d.N && key.size(1) == d.C, "key: expected shape (", d.N, ", ", d.C,
+              ", Lk) (batch and channels of query), got ", key.sizes());
+  TORCH_CHECK(value.size(0) == d.N && value.size(2) == d.Lk, "value: expected shape (", d.N, ", Cv, ", d.Lk,
+              ") (batch of query, positions of key), got ", value.sizes());
+  TORCH_CHECK(d.Lk > 0, "key: expected at least one position to attend to, got shape ", key.sizes());
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, "temperature: expected a finite value > 0, got ",
+              temperature);
+  return d;
+}
+
+bool is_reduced_float(const at::Tensor& t) {
+  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+}
+
+// ---------------------------------------------------------------------------
+// Scheduling.
+
+// Samples are spread over the threads when there are at least as many samples
+// as threads.  Otherwise they run one after another and the parallelism is
+// inside: BLAS spreads each matrix product over the threads and the
+// element-wise loops use at::parallel_for (which runs inline when nested).
+template <typename Body>
+void for_each_sample(int64_t N, const Body& body) {
+  if (N > 1 && N >= at::get_num_threads()) {
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      // Worker threads do not inherit the caller's dispatcher state; the ATen
+      // calls below only do arithmetic on our own buffers and views, so run
+      // them without autograd / inference-tensor checks.
+      c10::InferenceMode guard;
+      for (int64_t n = begin; n < end; ++n) body(n);
+    });
+  } else {
+    c10::InferenceMode guard;
+    for (int64_t n = 0; n < N; ++n) body(n);
+  }
+}
+
+// fn(i) for i in [0, count), each i costing about `cost` elements of work.
+template <typename Fn>
+void parallel_over(int64_t count, int64_t cost, const Fn& fn) {
+  const int64_t grain = std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(cost, 1));
+  at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) fn(i);
+  });
+}
+
+int64_t rows_per_block(int64_t Lq, int64_t Lk) {
+  return std::min(Lq, std::max(kMinBlockRows, kScratchElems / Lk));
+}
+
+// inv[l] = 1 / max(||x[:, l]||, eps) for the `cols` columns of a (C, cols)
+// matrix with row stride `ld`.  radial[l] (when asked for) is inv[l]^2 where
+// the norm is not clamped and 0 where it is: the coefficient of the radial
+// term in the gradient of x / max(||x||, eps).
+template <typename T>
+void inverse_column_norms(const T* x, int64_t C, int64_t cols, int64_t ld, T* inv, T* radial) {
+  const T eps = static_cast<T>(kNormEps);
+  constexpr int64_t kChunk = 64;
+  parallel_over((cols + kChunk - 1) / kChunk, C * kChunk, [&](int64_t chunk) {
+    const int64_t begin = chunk * kChunk, end = std::min(cols, begin + kChunk);
+    T* acc = inv + begin;
+    std::fill(acc, acc + (end - begin), T(0));
+    for (int64_t c = 0; c < C; ++c) {
+      const T* row = x + c * ld + begin;
+      for (int64_t l = 0; l < end - begin; ++l) acc[l] += row[l] * row[l];
+    }
+    for (int64_t l = begin; l < end; ++l) {
+      const T norm = std::sqrt(inv[l]);
+      const bool clamped = norm < eps;
+      inv[l] = T(1) / (clamped ? eps : norm);
+      if (radial != nullptr) radial[l] = clamped ? T(0) : inv[l] * inv[l];
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Forward.
+
+// In place on a block of raw products: scores[r, j] = q[:, p] . k[:, j] becomes
+// P[r, j] = softmax_j(t * inv_q[r] * inv_k[j] * scores[r, j]); lse[r] is the
+// log-sum-exp of the scaled logits (eq. 2).  The exponentials go through
+// at::exp_ on the whole block: ATen's vectorised exp is several times faster
+// than a scalar std::exp loop in this (generically compiled) file.
+template <typename T>
+void softmax_block(at::Tensor& block, const T* inv_q, const T* inv_k, T t, float* lse) {
+  const int64_t rows = block.size(0), Lk = block.size(1);
+  T* scores = block.mutable_data_ptr<T>();
+  std::vector<T> top(rows);
+  parallel_over(rows, Lk, [&](int64_t r) {
+    T* s = scores + r * Lk;
+    const T scale = t * inv_q[r];
+    T m = -std::numeric_limits<T>::infinity();
+    for (int64_t j = 0; j < Lk; ++j) {
+      s[j] *= scale * inv_k[j];
+      m = std::max(m, s[j]);
+    }
+    for (int64_t j = 0; j < Lk; ++j) s[j] -= m;
+    top[r] = m;
+  });
+  block.exp_();
+  parallel_over(rows, Lk, [&](int64_t r) {
+    T* s = scores + r * Lk;
+    T sum = 0;
+    for (int64_t j = 0; j < Lk; ++j) sum += s[j];
+    const T inv_sum = T(1) / sum;
+    for (int64_t j = 0; j < Lk; ++j) s[j] *= inv_sum;
+    lse[r] = static_cast<float>(top[r] + std::log(sum));
+  });
+}
+
+template <typename T>
+void forward_sample(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                    float* lse, T t) {
+  const int64_t C = q.size(0), Lq = q.size(1), Lk = k.size(1);
+  const int64_t rows = rows_per_block(Lq, Lk);
+  at::Tensor inv_q = at::empty({Lq}, q.options());
+  at::Tensor inv_k = at::empty({Lk}, q.options());
+  at::Tensor scratch = at::empty({rows, Lk}, q.options());
+  inverse_column_norms(q.const_data_ptr<T>(), C, Lq, Lq, inv_q.mutable_data_ptr<T>(), static_cast<T*>(nullptr));
+  inverse_column_norms(k.const_data_ptr<T>(), C, Lk, Lk, inv_k.mutable_data_ptr<T>(), static_cast<T*>(nullptr));
+  for (int64_t p0 = 0; p0 < Lq; p0 += rows) {
+    const int64_t pb = std::min(rows, Lq - p0);
+    at::Tensor prob = scratch.narrow(0, 0, pb);
+    at::mm_out(prob, q.narrow(1, p0, pb).t(), k);  // raw q . k, eq. 1 before scaling
+    softmax_block(prob, inv_q.const_data_ptr<T>() + p0, inv_k.const_data_ptr<T>(), t, lse + p0);
+    at::Tensor out_blk = out.narrow(1, p0, pb);
+    at::mm_out(out_blk, v, prob.t());  // eq. 4
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> soft_warp_fwd_cpu(const at::Tensor& query, const at::Tensor& key,
+                                                     const at::Tensor& value, double temperature) {
+  const Dims d = check_inputs(query, key, value, temperature);
+  if (is_reduced_float(query)) {  // compute in float32, return in the input dtype
+    auto [out, lse] = soft_warp_fwd_cpu(query.to(at::kFloat), key.to(at::kFloat), value.to(at::kFloat), temperature);
+    return {out.to(query.scalar_type()), lse};
+  }
+  at::Tensor out = at::empty({d.N, d.Cv, d.Lq}, query.options());
+  at::Tensor lse = at::empty({d.N, d.Lq}, query.options().dtype(at::kFloat));
+  if (d.N == 0 || d.Lq == 0) return {out, lse};
+  AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "soft_warp_fwd_cpu", [&] {
+    float* lse_ptr = lse.mutable_data_ptr<float>();
+    const auto t = static_cast<scalar_t>(temperature);
+    for_each_sample(d.N, [&](int64_t n) {
+      forward_sample<scalar_t>(query.select(0, n), key.select(0, n), value.select(0, n), out.select(0, n),
+                               lse_ptr + n * d.Lq, t);
+    });
+  });
+  return {out, lse};
+}
+
+// ---------------------------------------------------------------------------
+// Backward.
+//
+// With dS = t * P * (dP - rowsum(P * dP)) the gradient of the cosines,
+// dP = grad_out^T value, and G = dS * inv_q[p] * inv_k[j]:
+//   grad_value = grad_out P
+//   grad_query[:, p] = key G^T[:, p] - radial_q[p] * a[p] * query[:, p],  a[p] = sum_j dS S
+//   grad_key[:, j]   = query G[:, j] - radial_k[j] * b[j] * key[:, j],    b[j] = sum_p dS S
+// (the radial terms are the gradient through the normalisation x / ||x||).
+
+// Recomputes a block: scores (raw products) -> cosines S, and P from lse,
+// renormalised so each row sums to one in the working precision.
+template <typename T>
+void recompute_block(at::Tensor& scores_block, at::Tensor& prob_block, const T* inv_q, const T* inv_k, T t,
+                     const float* lse) {
+  const int64_t rows = scores_block.size(0), Lk = scores_block.size(1);
+  T* scores = scores_block.mutable_data_ptr<T>();
+  T* prob = prob_block.mutable_data_ptr<T>();
+  parallel_over(rows, Lk, [&](int64_t r) {
+    T* s = scores + r * Lk;
+    T* pr = prob + r * Lk;
+    const T shift = static_cast<T>(lse[r]);
+    for (int64_t j = 0; j < Lk; ++j) {
+      s[j] *= inv_q[r] * inv_k[j];
+      pr[j] = t * s[j] - shift;
+    }
+  });
+  prob_block.exp_();
+  parallel_over(rows, Lk, [&](int64_t r) {
+    T* pr = prob + r * Lk;
+    T sum = 0;
+    for (int64_t j = 0; j < Lk; ++j) sum += pr[j];
+    const T inv_sum = T(1) / sum;
+    for (int64_t j = 0; j < Lk; ++j) pr[j] *= inv_sum;
+  });
+}
+
+// In place: dprob (dP) -> G, scores (S) -> dS * S; coef[r] = radial_q[r] * a[r].
+template <typename T>
+void score_gradients_block(const T* prob, T* dprob, T* scores, int64_t rows, int64_t Lk, const T* inv_q,
+                           const T* inv_k, const T* radial_q, T t, T* coef) {
+  parallel_over(rows, Lk, [&](int64_t r) {
+    const T* pr = prob + r * Lk;
+    T* dp = dprob + r * Lk;
+    T* s = scores + r * Lk;
+    T centre = 0;
+    for (int64_t j = 0; j < Lk; ++j) centre += pr[j] * dp[j];
+    T a = 0;
+    for (int64_t j = 0; j < Lk; ++j) {
+      const T ds = t * pr[j] * (dp[j] - centre);  // softmax backward, times the temperature
+      s[j] *= ds;
+      a += s[j];
+      dp[j] = ds * inv_q[r] * inv_k[j];
+    }
+    coef[r] = radial_q[r] * a;
+  });
+}
+
+// acc[j] += sum_r m[r, j].
+template <typename T>
+void add_column_sums(const T* m, int64_t rows, int64_t cols, T* acc) {
+  constexpr int64_t kChunk = 256;
+  parallel_over((cols + kChunk - 1) / kChunk, rows * kChunk, [&](int64_t chunk) {
+    const int64_t begin = chunk * kChunk, end = std::min(cols, begin + kChunk);
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* row = m + r * cols;
+      for (int64_t j = begin; j < end; ++j) acc[j] += row[j];
+    }
+  });
+}
+
+// grad[c, l] -= coef[l] * x[c, l] over a (C, cols) block, both with row stride ld.
+template <typename T>
+void subtract_radial(T* grad, const T* x, const T* coef, int64_t C, int64_t cols, int64_t ld) {
+  parallel_over(C, cols, [&](int64_t c) {
+    T* g = grad + c * ld;
+    const T* xr = x + c * ld;
+    for (int64_t l = 0; l < cols; ++l) g[l] -= coef[l] * xr[l];
+  });
+}
+
+template <typename T>
+void backward_sample(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const float* lse, T t, at::Tensor grad_q, at::Tensor grad_k, at::Tensor grad_v) {
+  const int64_t C = q.size(0), Lq = q.size(1), Lk = k.size(1);
+  const int64_t rows = rows_per_block(Lq, Lk);
+  const auto opts = q.options();
+  at::Tensor inv_q = at::empty({Lq}, opts), radial_q = at::empty({Lq}, opts);
+  at::Tensor inv_k = at::empty({Lk}, opts), radial_k = at::empty({Lk}, opts);
+  at::Tensor col_sums = at::zeros({Lk}, opts), coef = at::empty({rows}, opts);
+  at::Tensor scores = at::empty({rows, Lk}, opts), prob = at::empty({rows, Lk}, opts),
+             dprob = at::empty({rows, Lk}, opts);
+  const T* qp = q.const_data_ptr<T>();
+  const T* kp = k.const_data_ptr<T>();
+  inverse_column_norms(qp, C, Lq, Lq, inv_q.mutable_data_ptr<T>(), radial_q.mutable_data_ptr<T>());
+  inverse_column_norms(kp, C, Lk, Lk, inv_k.mutable_data_ptr<T>(), radial_k.mutable_data_ptr<T>());
+
+  for (int64_t p0 = 0; p0 < Lq; p0 += rows) {
+    const int64_t pb = std::min(rows, Lq - p0);
+    at::Tensor s = scores.narrow(0, 0, pb), pr = prob.narrow(0, 0, pb), g = dprob.narrow(0, 0, pb);
+    at::Tensor q_blk = q.narrow(1, p0, pb), go_blk = grad_out.narrow(1, p0, pb), gq_blk = grad_q.narrow(1, p0, pb);
+
+    at::mm_out(s, q_blk.t(), k);
+    recompute_block(s, pr, inv_q.const_data_ptr<T>() + p0, inv_k.const_data_ptr<T>(), t, lse + p0);
+    at::mm_out(g, go_blk.t(), v);  // dP
+    score_gradients_block(pr.const_data_ptr<T>(), g.mutable_data_ptr<T>(), s.mutable_data_ptr<T>(), pb, Lk,
+                          inv_q.const_data_ptr<T>() + p0, inv_k.const_data_ptr<T>(),
+                          radial_q.const_data_ptr<T>() + p0, t, coef.mutable_data_ptr<T>());
+    add_column_sums(s.const_data_ptr<T>(), pb, Lk, col_sums.mutable_data_ptr<T>());
+
+    at::mm_out(gq_blk, k, g.t());
+    subtract_radial(gq_blk.mutable_data_ptr<T>(), qp + p0, coef.const_data_ptr<T>(), C, pb, Lq);
+    if (p0 == 0) {
+      at::mm_out(grad_v, go_blk, pr);
+      at::mm_out(grad_k, q_blk, g);
+    } else {
+      grad_v.addmm_(go_blk, pr);
+      grad_k.addmm_(q_blk, g);
+    }
+  }
+  col_sums.mul_(radial_k);  // b[j] * radial_k[j]
+  subtract_radial(grad_k.mutable_data_ptr<T>(), kp, col_sums.const_data_ptr<T>(), C, Lk, Lk);
+}
+
+void check_like_shape(const at::Tensor& t, const char* name, at::IntArrayRef shape, const at::Tensor& query) {
+  TORCH_CHECK(t.sizes() == shape, name, ": expected shape ", shape, ", got ", t.sizes());
+  check_map(t, name, query);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_warp_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& query,
+                                                                 const at::Tensor& key, const at::Tensor& value,
+                                                                 const at::Tensor& out, const at::Tensor& lse,
+                                                                 double temperature) {
+  const Dims d = check_inputs(query, key, value, temperature);
+  check_like_shape(grad_out, "grad_out", {d.N, d.Cv, d.Lq}, query);
+  check_like_shape(out, "out", {d.N, d.Cv, d.Lq}, query);
+  TORCH_CHECK(lse.device().is_cpu() && lse.scalar_type() == at::kFloat && lse.is_contiguous(),
+              "lse: expected a contiguous float32 CPU tensor, got dtype ", lse.scalar_type(), " on ", lse.device());
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == d.N && lse.size(1) == d.Lq, "lse: expected shape (", d.N, ", ", d.Lq,
+              "), got ", lse.sizes());
+  if (is_reduced_float(query)) {  // compute in float32, return in the input dtype
+    const auto f = [](const at::Tensor& t) { return t.to(at::kFloat); };
+    auto [gq, gk, gv] = soft_warp_bwd_cpu(f(grad_out), f(query), f(key), f(value), f(out), lse, temperature);
+    const auto dtype = query.scalar_type();
+    return {gq.to(dtype), gk.to(dtype), gv.to(dtype)};
+  }
+  at::Tensor grad_q = at::empty_like(query), grad_k = at::empty_like(key), grad_v = at::empty_like(value);
+  if (d.N == 0) return {grad_q, grad_k, grad_v};
+  if (d.Lq == 0) {  // nothing attends: no gradient reaches key or value
+    grad_k.zero_();
+    grad_v.zero_();
+    return {grad_q, grad_k, grad_v};
+  }
+  AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "soft_warp_bwd_cpu", [&] {
+    const float* lse_ptr = lse.const_data_ptr<float>();
+    const auto t = static_cast<scalar_t>(temperature);
+    for_each_sample(d.N, [&](int64_t n) {
+      backward_sample<scalar_t>(grad_out.select(0, n), query.select(0, n), key.select(0, n), value.select(0, n),
+                                lse_ptr + n * d.Lq, t, grad_q.select(0, n), grad_k.select(0, n),
+                                grad_v.select(0, n));
+    });
+  });
+  return {grad_q, grad_k, grad_v};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(reid_kernels, CPU, m) {
+  m.impl("soft_warp_fwd", &soft_warp_fwd_cpu);
+  m.impl("soft_warp_bwd", &soft_warp_bwd_cpu);
+}
+
+}  // namespace reid_kernels
