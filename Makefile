@@ -14,7 +14,7 @@ install: $(STAMP)
 
 $(STAMP): $(SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q "setuptools>=64" wheel
 	# Pinned: an unpinned torch would make pip pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
 	# No build isolation: build against the torch installed above.

@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -190,10 +191,24 @@ def fmt_bytes(value: Optional[int]) -> str:
     return f"{value / 2**20:.1f}"
 
 
+def git_commit() -> Optional[str]:
+    """The checkout's commit (with "+dirty" when it has uncommitted changes), or None outside git."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
 def environment(device: torch.device) -> Dict[str, object]:
     """Where the numbers come from (goes into the JSON)."""
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": git_commit(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -218,5 +233,6 @@ def write_json(path: str, payload: Dict[str, object]) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     with open(path, "w") as f:
-        json.dump(payload, f, indent=2)
+        # numpy / torch scalars serialise through .item()
+        json.dump(payload, f, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o))
         f.write("\n")

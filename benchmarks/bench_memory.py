@@ -18,10 +18,6 @@ results (the kernel must agree with the baseline, not just be faster).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -29,28 +25,15 @@ import torch.nn.functional as F
 import reid_kernels
 from reid_kernels import reference
 
+from _common import environment, median, time_runs, write_json  # noqa: E402  (benchmarks/)
+
 DIM = 2048
 TEMPERATURE = 0.05
 
 
-# ---- timing helpers (kept local; the lead may move them to benchmarks/_common.py) ----------
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def median_ms(fn, device: torch.device, repeats: int, warmup: int) -> float:
-    """Median wall time of ``fn()`` in milliseconds, after ``warmup`` untimed calls."""
-    times = []
-    for i in range(warmup + repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        if i >= warmup:
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    """Median time of ``fn()`` in milliseconds, after ``warmup`` untimed calls."""
+    return median(time_runs(fn, device, repeats, warmup)) * 1e3
 
 
 # ---- baselines -------------------------------------------------------------------------------
@@ -188,13 +171,8 @@ def main(argv=None) -> None:
         r["speedup"] = r["baseline_ms"] / r["kernel_ms"] if r["kernel_ms"] > 0 else None
     print_table(rows)
     if args.json:
-        meta = dict(device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == "cuda"
-                    else platform.processor() or platform.machine(), torch=torch.__version__,
-                    threads=torch.get_num_threads(), quick=args.quick, repeats=repeats,
-                    time_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        with open(args.json, "w") as f:
-            json.dump(dict(meta=meta, results=rows), f, indent=2)
-
+        meta = dict(environment(device), quick=args.quick, repeats=repeats)
+        write_json(args.json, dict(meta=meta, results=rows))
 
 if __name__ == "__main__":
     main()

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import sys
 import tempfile
@@ -37,6 +36,8 @@ import torch
 from reid_kernels import protocols
 from reid_kernels.rerank import aim, k_reciprocal_rerank, k_reciprocal_rerank_dense
 from reid_kernels.retrieval import GalleryIndex, exact_search, faiss_has_gpu
+
+from _common import environment, write_json  # noqa: E402  (benchmarks/, the script's folder)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -358,18 +359,16 @@ def main(argv=None) -> int:
     unknown = [c for c in chosen if c not in CASES]
     if unknown:
         parser.error(f"--cases: unknown {unknown}; choose from {list(CASES)}")
-    meta = {"benchmark": "bench_retrieval", "quick": args.quick, "torch": torch.__version__,
-            "python": platform.python_version(), "threads": torch.get_num_threads(), "threads_note": threads_note,
-            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
-            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    meta = {"benchmark": "bench_retrieval", "quick": args.quick, "threads_note": threads_note,
+            **environment(device)}
     print(json.dumps(meta))
     results = []
     for name in chosen:
         out = CASES[name](args)
         results.extend(out if isinstance(out, list) else [out])
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({**meta, "results": results}, handle, indent=2, default=float)
+        write_json(args.json, {**meta, "results": results})
         print(f"\nwrote {args.json}")
     return 0
 
