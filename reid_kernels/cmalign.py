@@ -182,11 +182,16 @@ class _PartnerReconstructions(torch.autograd.Function):
         out_neg, lse_neg, probs_neg = torch.ops.reid_kernels.soft_warp_fwd(x, key_neg, key_neg, temperature)
         if mask_from_probs:  # eq. 4 applied to the partner's mask, from the cached probabilities
             warped_mask = torch.bmm(probs_pos, mask_pos.to(probs_pos.dtype).unsqueeze(2)).squeeze(2).to(x.dtype)
-            warped_pos = out_pos
+            # The CPU backward with cached probabilities never reads `out` (it may be empty), so
+            # the blends overwrite the warps in place: fresh (N, C, L) buffers cost page faults
+            # that take several times longer than the arithmetic on them.
+            recon_pos = out_pos.sub_(x).mul_(weight).add_(x)  # eq. 3: f + m * (W(f) - f)
+            recon_neg = out_neg.sub_(x).mul_(weight).add_(x)
+            out_pos = out_neg = x.new_empty(0)
         else:
-            warped_mask, warped_pos = out_pos[:, c], out_pos[:, :c]
-        recon_pos = torch.lerp(x, warped_pos, weight)  # eq. 3
-        recon_neg = torch.lerp(x, out_neg, weight)
+            warped_mask = out_pos[:, c]
+            recon_pos = torch.lerp(x, out_pos[:, :c], weight)  # eq. 3: m * W(f) + (1 - m) * f
+            recon_neg = torch.lerp(x, out_neg, weight)
         ctx.save_for_backward(x, weight, pos_idx, neg_idx, key_pos, value_pos, out_pos, lse_pos, probs_pos,
                               key_neg, out_neg, lse_neg, probs_neg)
         ctx.temperature = temperature
@@ -201,22 +206,26 @@ class _PartnerReconstructions(torch.autograd.Function):
         t = ctx.temperature
         grad_pos = torch.zeros_like(x) if grad_pos is None else grad_pos
         grad_neg = torch.zeros_like(x) if grad_neg is None else grad_neg
-        # eq. 3 backward: d recon / d x = 1 - m (direct path), d recon / d W(f) = m.
-        grad_x = torch.add(grad_pos, grad_neg).mul_(1 - weight)
-        grad_warped_pos = (grad_pos * weight).contiguous()
+        # eq. 3 backward: d recon / d W(f) = m, d recon / d x = 1 - m (direct path).  Few fresh
+        # (N, C, L) buffers (their page faults dominate on CPU): sums go in place into the
+        # operators' outputs and the warp gradient buffer is reused for the second partner.
+        grad_warped = torch.mul(grad_pos, weight).contiguous()
         if ctx.mask_channel:  # the warped mask carries no gradient
-            grad_warped_pos = torch.cat([grad_warped_pos, grad_warped_pos.new_zeros(grad_warped_pos[:, :1].shape)], 1)
-        gq, gk_pos, gv = torch.ops.reid_kernels.soft_warp_bwd(
+            grad_warped_pos = torch.cat([grad_warped, grad_warped.new_zeros(grad_warped[:, :1].shape)], 1)
+        else:
+            grad_warped_pos = grad_warped
+        grad_x, gk_pos, gv = torch.ops.reid_kernels.soft_warp_bwd(
             grad_warped_pos, x, key_pos, value_pos, out_pos, lse_pos, probs_pos, t
         )
-        grad_x += gq
         gk_pos += gv[:, : x.shape[1]]  # the value is the key (plus the mask channel)
-        grad_warped_neg = (grad_neg * weight).contiguous()
+        del gv, grad_warped_pos
+        grad_warped = torch.mul(grad_neg, weight, out=grad_warped)
         gq, gk_neg, gv = torch.ops.reid_kernels.soft_warp_bwd(
-            grad_warped_neg, x, key_neg, key_neg, out_neg, lse_neg, probs_neg, t
+            grad_warped, x, key_neg, key_neg, out_neg, lse_neg, probs_neg, t
         )
-        grad_x += gq
         gk_neg += gv
+        direct = 1 - weight
+        grad_x.addcmul_(grad_pos, direct).addcmul_(grad_neg, direct).add_(gq)
         grad_x.index_add_(0, pos_idx, gk_pos)  # the partners are gathered rows of x
         grad_x.index_add_(0, neg_idx, gk_neg)
         return grad_x, None, None, None, None

@@ -414,6 +414,10 @@ def test_soft_warp_probability_cache(device, dtype, fill):
     recomputed = torch.ops.reid_kernels.soft_warp_bwd(grad_out, q, k, v, out, lse, probs.new_empty(0), 5.0)
     for name, a, b in zip(("query", "key", "value"), cached, recomputed):
         _assert_close(a, b, TOL[dtype], f"grad_{name}")
+    # With the cache, the CPU backward accepts an empty `out` (cmalign reuses that buffer).
+    no_out = torch.ops.reid_kernels.soft_warp_bwd(grad_out, q, k, v, out.new_empty(0), lse, probs, 5.0)
+    for name, a, b in zip(("query", "key", "value"), no_out, cached):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m: f"grad_{name} without out: {m}")
 
 
 def test_soft_warp_probability_cache_shape_rule():

@@ -453,7 +453,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_warp_bwd_cpu(const at::Tenso
                                                                  const at::Tensor& probs, double temperature) {
   const Dims d = check_inputs(query, key, value, temperature);
   check_like_shape(grad_out, "grad_out", {d.N, d.Cv, d.Lq}, query);
-  check_like_shape(out, "out", {d.N, d.Cv, d.Lq}, query);
+  // The CPU backward never reads `out`; with the probability cache it may be empty, so a
+  // caller can reuse the forward's output buffer (reid_kernels.cmalign does).
+  if (!(out.numel() == 0 && probs.numel() > 0)) check_like_shape(out, "out", {d.N, d.Cv, d.Lq}, query);
   TORCH_CHECK(lse.device().is_cpu() && lse.scalar_type() == at::kFloat && lse.is_contiguous(),
               "lse: expected a contiguous float32 CPU tensor, got dtype ", lse.scalar_type(), " on ", lse.device());
   TORCH_CHECK(lse.dim() == 2 && lse.size(0) == d.N && lse.size(1) == d.Lq, "lse: expected shape (", d.N, ", ", d.Lq,
