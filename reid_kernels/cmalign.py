@@ -2,8 +2,9 @@
 
 * :func:`person_mask` -- eqs. 5-7, one pass per sample, no gradient;
 * :func:`soft_warp` -- eqs. 1, 2, 4: cosine similarity, softmax and warp in one
-  operator that never stores the (H*W, H2*W2) probabilities (its backward
-  recomputes them from the saved log-sum-exp);
+  operator; on CUDA it never stores the (H*W, H2*W2) probabilities (its backward
+  recomputes them from the saved log-sum-exp), on CPU it keeps them for the
+  backward when the whole volume takes at most 256 MiB (one matrix product fewer);
 * :func:`cmalign` -- the whole module (eqs. 1-11) for a batch with positive and
   negative partners, equal to :func:`reid_kernels.reference.cmalign` to float
   rounding.
@@ -121,7 +122,9 @@ def soft_warp(
     Returns:
         ``(N, Cv, H, W)`` in the query's dtype, differentiable in query, key and value.
         Cosines use ``x / max(||x||, 1e-12)``, so an all-zero vector matches everything
-        with cosine 0.  Memory is O(N * C * positions): the probabilities are never stored.
+        with cosine 0.  Memory is O(N * C * positions) on CUDA (the probabilities are never
+        stored); on CPU the (N, H*W, H2*W2) probabilities are kept for the backward when they
+        take at most 256 MiB (float32; float64 for float64 maps), else recomputed.
     """
     _check_map("query", query)
     _check_map("key", key)
