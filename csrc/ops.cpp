@@ -37,11 +37,16 @@ TORCH_LIBRARY(reid_kernels, m) {
   // Soft warp, eqs. 1, 2, 4: out[n,:,p] = sum_q softmax_q(t * cos(q[n,:,p], k[n,:,q])) v[n,:,q].
   // query (N, C, Lq), key (N, C, Lk), value (N, Cv, Lk) -> out (N, Cv, Lq) and the
   // float32 log-sum-exp of the scaled logits per query position, (N, Lq), which
-  // is all the backward needs to recompute the probabilities tile by tile.
-  m.def("soft_warp_fwd(Tensor query, Tensor key, Tensor value, float temperature) -> (Tensor, Tensor)");
+  // is all the backward needs to recompute the probabilities tile by tile, and
+  // `probs`: on CPU, when N * Lq * Lk elements of the accumulation dtype (float64
+  // for float64, else float32) take at most 256 MiB, the softmax probabilities
+  // (N, Lq, Lk) in that dtype, so the backward skips recomputing them (one matrix
+  // product fewer); otherwise (and always on CUDA, whose kernels keep memory
+  // O(N * C * L)) an empty (0,) tensor of that dtype.  soft_warp_bwd takes it back.
+  m.def("soft_warp_fwd(Tensor query, Tensor key, Tensor value, float temperature) -> (Tensor, Tensor, Tensor)");
   m.def(
       "soft_warp_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, Tensor lse, "
-      "float temperature) -> (Tensor, Tensor, Tensor)");
+      "Tensor probs, float temperature) -> (Tensor, Tensor, Tensor)");
 
   // ---- Masked dense triplet (LbA eqs. 10-11) -------------------------------
   // anchor/positive/negative (N, C, L), weight (N, L) ->

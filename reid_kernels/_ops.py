@@ -10,8 +10,24 @@ from ._extension import extension_available
 # ---- CMAlign ----
 # person_mask(feat (N, C, L)) -> (N, L), no gradient (LbA detaches the mask);
 # soft_warp_fwd(query (N, C, Lq), key (N, C, Lk), value (N, Cv, Lk), t) -> (out (N, Cv, Lq),
-# lse (N, Lq) float32); its backward is the soft_warp_bwd operator (lse gets no gradient).
+# lse (N, Lq) float32, probs); its backward is the soft_warp_bwd operator (lse and probs get
+# no gradient).  probs is the CPU probability cache: (N, Lq, Lk) in the accumulation dtype
+# (float64 for float64, else float32) when it fits in SOFT_WARP_PROB_CACHE_BYTES, else an
+# empty (0,) tensor of that dtype -- always empty on CUDA (csrc/ops.cpp).
 # The fake kernels give torch.compile and the meta device shapes and dtypes.
+
+
+SOFT_WARP_PROB_CACHE_BYTES = 256 << 20  # kMaxCachedProbBytes in csrc/cmalign/soft_warp_cpu.cpp
+
+
+def _soft_warp_probs_shape(query, key) -> tuple:
+    """Shape of soft_warp_fwd's probability cache (the rule of the CPU and CUDA kernels)."""
+    n, _, lq = query.shape
+    lk = key.shape[2]
+    elem = 8 if query.dtype == torch.float64 else 4
+    if query.device.type == "cpu" and n * lq * lk * elem <= SOFT_WARP_PROB_CACHE_BYTES:
+        return (n, lq, lk)
+    return (0,)
 
 
 def _register_cmalign() -> None:
@@ -34,26 +50,28 @@ def _register_cmalign() -> None:
         n, _, lq = query.shape
         out = query.new_empty((n, value.shape[1], lq))
         lse = query.new_empty((n, lq), dtype=torch.float32)
-        return out, lse
+        acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+        probs = query.new_empty(_soft_warp_probs_shape(query, key), dtype=acc)
+        return out, lse, probs
 
     @torch.library.register_fake("reid_kernels::soft_warp_bwd")
-    def _soft_warp_bwd_fake(grad_out, query, key, value, out, lse, temperature):
+    def _soft_warp_bwd_fake(grad_out, query, key, value, out, lse, probs, temperature):
         return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
 
     def _soft_warp_setup(ctx, inputs, output):
         query, key, value, temperature = inputs
-        out, lse = output
-        ctx.save_for_backward(query, key, value, out, lse)
+        out, lse, probs = output
+        ctx.save_for_backward(query, key, value, out, lse, probs)
         ctx.temperature = temperature
-        ctx.mark_non_differentiable(lse)
+        ctx.mark_non_differentiable(lse, probs)
 
-    def _soft_warp_backward(ctx, grad_out, grad_lse):
-        # lse is non-differentiable, so grad_lse carries nothing.
-        query, key, value, out, lse = ctx.saved_tensors
+    def _soft_warp_backward(ctx, grad_out, grad_lse, grad_probs):
+        # lse and probs are non-differentiable, so grad_lse and grad_probs carry nothing.
+        query, key, value, out, lse, probs = ctx.saved_tensors
         if grad_out is None:
             return None, None, None, None
         grad_query, grad_key, grad_value = torch.ops.reid_kernels.soft_warp_bwd(
-            grad_out.contiguous(), query, key, value, out, lse, ctx.temperature
+            grad_out.contiguous(), query, key, value, out, lse, probs, ctx.temperature
         )
         needs = ctx.needs_input_grad
         return (

@@ -2,8 +2,9 @@
 
 * :func:`person_mask` -- eqs. 5-7, one pass per sample, no gradient;
 * :func:`soft_warp` -- eqs. 1, 2, 4: cosine similarity, softmax and warp in one
-  operator that never stores the (H*W, H2*W2) probabilities (its backward
-  recomputes them from the saved log-sum-exp);
+  operator; on CUDA it never stores the (H*W, H2*W2) probabilities (its backward
+  recomputes them from the saved log-sum-exp), on CPU it keeps them for the
+  backward when the whole volume takes at most 256 MiB (one matrix product fewer);
 * :func:`cmalign` -- the whole module (eqs. 1-11) for a batch with positive and
   negative partners, equal to :func:`reid_kernels.reference.cmalign` to float
   rounding.
@@ -20,6 +21,7 @@ from typing import Optional
 import torch
 
 from . import _ops  # noqa: F401  (autograd and fake registrations of the operators)
+from ._ops import _soft_warp_probs_shape
 from ._extension import require_backend_for
 from ._validate import (
     check_finite_float,
@@ -120,7 +122,9 @@ def soft_warp(
     Returns:
         ``(N, Cv, H, W)`` in the query's dtype, differentiable in query, key and value.
         Cosines use ``x / max(||x||, 1e-12)``, so an all-zero vector matches everything
-        with cosine 0.  Memory is O(N * C * positions): the probabilities are never stored.
+        with cosine 0.  Memory is O(N * C * positions) on CUDA (the probabilities are never
+        stored); on CPU the (N, H*W, H2*W2) probabilities are kept for the backward when they
+        take at most 256 MiB (float32; float64 for float64 maps), else recomputed.
     """
     _check_map("query", query)
     _check_map("key", key)
@@ -141,7 +145,7 @@ def soft_warp(
     n, _, h, w = query.shape
     key_positions = _positions(key)
     value_positions = key_positions if value_is_key else _positions(value)
-    out, _ = torch.ops.reid_kernels.soft_warp_fwd(_positions(query), key_positions, value_positions, temperature)
+    out, _, _ = torch.ops.reid_kernels.soft_warp_fwd(_positions(query), key_positions, value_positions, temperature)
     return out.view(n, value.shape[1], h, w)
 
 
@@ -150,6 +154,84 @@ def _minmax_per_sample(x: torch.Tensor) -> torch.Tensor:
     flat = x.detach().float()
     lo, hi = torch.aminmax(flat, dim=1, keepdim=True)
     return ((flat - lo) / (hi - lo + MINMAX_EPS)).to(x.dtype)
+
+
+class _PartnerReconstructions(torch.autograd.Function):
+    """Eqs. 1-4 and the warped partner mask of eq. 9 for both partners, with a fused backward.
+
+    forward(x (N, C, L), mask (N, L), pos_idx, neg_idx, temperature) ->
+    (recon_pos, recon_neg, warped_mask): reconstructions (eq. 3, ``m * W(f) + (1 - m) * f``)
+    from the positive and negative partners and the positive partner's mask warped onto the
+    anchor's grid (no gradient).
+
+    Why a Function: autograd of the plain composition (two gathers, a mask-channel
+    concatenation, two lerps) spends more time in zero-filled gradient buffers, slice/concat
+    backward passes and gradient accumulation than in the warps' matrix products.  The
+    backward here makes one pass per term: the blend's gradients, two soft_warp_bwd calls,
+    and the partners' gradients scattered with index_add_.  When soft_warp_fwd caches the
+    probabilities (CPU, see csrc/ops.cpp) the warped mask is ``P @ mask`` and the value is
+    the key itself; otherwise the mask rides along as one extra value channel.
+    """
+
+    @staticmethod
+    def forward(ctx, x, mask, pos_idx, neg_idx, temperature):
+        c = x.shape[1]
+        weight = mask.unsqueeze(1)
+        key_pos, key_neg = x[pos_idx], x[neg_idx]
+        mask_pos = mask[pos_idx]
+        mask_from_probs = _soft_warp_probs_shape(x, key_pos) != (0,)
+        value_pos = key_pos if mask_from_probs else torch.cat([key_pos, mask_pos.unsqueeze(1)], dim=1)
+        out_pos, lse_pos, probs_pos = torch.ops.reid_kernels.soft_warp_fwd(x, key_pos, value_pos, temperature)
+        out_neg, lse_neg, probs_neg = torch.ops.reid_kernels.soft_warp_fwd(x, key_neg, key_neg, temperature)
+        if mask_from_probs:  # eq. 4 applied to the partner's mask, from the cached probabilities
+            warped_mask = torch.bmm(probs_pos, mask_pos.to(probs_pos.dtype).unsqueeze(2)).squeeze(2).to(x.dtype)
+            # The CPU backward with cached probabilities never reads `out` (it may be empty), so
+            # the blends overwrite the warps in place: fresh (N, C, L) buffers cost page faults
+            # that take several times longer than the arithmetic on them.
+            recon_pos = out_pos.sub_(x).mul_(weight).add_(x)  # eq. 3: f + m * (W(f) - f)
+            recon_neg = out_neg.sub_(x).mul_(weight).add_(x)
+            out_pos = out_neg = x.new_empty(0)
+        else:
+            warped_mask = out_pos[:, c]
+            recon_pos = torch.lerp(x, out_pos[:, :c], weight)  # eq. 3: m * W(f) + (1 - m) * f
+            recon_neg = torch.lerp(x, out_neg, weight)
+        ctx.save_for_backward(x, weight, pos_idx, neg_idx, key_pos, value_pos, out_pos, lse_pos, probs_pos,
+                              key_neg, out_neg, lse_neg, probs_neg)
+        ctx.temperature = temperature
+        ctx.mask_channel = not mask_from_probs
+        ctx.mark_non_differentiable(warped_mask)
+        return recon_pos, recon_neg, warped_mask
+
+    @staticmethod
+    def backward(ctx, grad_pos, grad_neg, grad_mask):
+        (x, weight, pos_idx, neg_idx, key_pos, value_pos, out_pos, lse_pos, probs_pos,
+         key_neg, out_neg, lse_neg, probs_neg) = ctx.saved_tensors
+        t = ctx.temperature
+        grad_pos = torch.zeros_like(x) if grad_pos is None else grad_pos
+        grad_neg = torch.zeros_like(x) if grad_neg is None else grad_neg
+        # eq. 3 backward: d recon / d W(f) = m, d recon / d x = 1 - m (direct path).  Few fresh
+        # (N, C, L) buffers (their page faults dominate on CPU): sums go in place into the
+        # operators' outputs and the warp gradient buffer is reused for the second partner.
+        grad_warped = torch.mul(grad_pos, weight).contiguous()
+        if ctx.mask_channel:  # the warped mask carries no gradient
+            grad_warped_pos = torch.cat([grad_warped, grad_warped.new_zeros(grad_warped[:, :1].shape)], 1)
+        else:
+            grad_warped_pos = grad_warped
+        grad_x, gk_pos, gv = torch.ops.reid_kernels.soft_warp_bwd(
+            grad_warped_pos, x, key_pos, value_pos, out_pos, lse_pos, probs_pos, t
+        )
+        gk_pos += gv[:, : x.shape[1]]  # the value is the key (plus the mask channel)
+        del gv, grad_warped_pos
+        grad_warped = torch.mul(grad_neg, weight, out=grad_warped)
+        gq, gk_neg, gv = torch.ops.reid_kernels.soft_warp_bwd(
+            grad_warped, x, key_neg, key_neg, out_neg, lse_neg, probs_neg, t
+        )
+        gk_neg += gv
+        direct = 1 - weight
+        grad_x.addcmul_(grad_pos, direct).addcmul_(grad_neg, direct).add_(gq)
+        grad_x.index_add_(0, pos_idx, gk_pos)  # the partners are gathered rows of x
+        grad_x.index_add_(0, neg_idx, gk_neg)
+        return grad_x, None, None, None, None
 
 
 def cmalign(
@@ -179,9 +261,10 @@ def cmalign(
         (eqs. 10-11).  Gradients reach ``feat`` through the similarities, softmax,
         warps and distances, including through the partners; the masks carry none.
 
-    Cost: one :func:`soft_warp` pass per partner.  The positive pass warps the
-    partner's features and its person mask together (the mask rides along as one
-    extra value channel), so the co-attention needs no second similarity.
+    Cost: one :func:`soft_warp` pass per partner, with a fused backward for the
+    gathers and blends.  The co-attention needs no second similarity: on CPU it is
+    the cached probabilities times the partner's mask, elsewhere the mask rides
+    along as one extra value channel of the positive pass.
     """
     _check_map("feat", feat)
     batch = feat.shape[0]
@@ -195,16 +278,9 @@ def cmalign(
     x = _positions(feat)
     mask = torch.ops.reid_kernels.person_mask(x.detach())  # eqs. 5-7, (N, L)
 
-    key_pos = x[pos_idx]
-    value_pos = torch.cat([key_pos, mask[pos_idx].unsqueeze(1)], dim=1)  # features + partner mask
-    warped_pos, _ = torch.ops.reid_kernels.soft_warp_fwd(x, key_pos, value_pos, temperature)  # eqs. 1, 2, 4
-    key_neg = x[neg_idx]
-    warped_neg, _ = torch.ops.reid_kernels.soft_warp_fwd(x, key_neg, key_neg, temperature)
-
-    weight = mask.unsqueeze(1)
-    recon_pos = torch.lerp(x, warped_pos[:, :c], weight)  # eq. 3: m * W(f) + (1 - m) * f
-    recon_neg = torch.lerp(x, warped_neg, weight)
-    comask = _minmax_per_sample(mask * warped_pos[:, c].detach())  # eq. 9, detached
+    # eqs. 1-4 for both partners, plus the positive partner's warped mask
+    recon_pos, recon_neg, warped_mask = _PartnerReconstructions.apply(x, mask, pos_idx, neg_idx, temperature)
+    comask = _minmax_per_sample(mask * warped_mask)  # eq. 9, detached
 
     maps = (n, c, h, w)
     recon_pos, recon_neg, comask = recon_pos.view(maps), recon_neg.view(maps), comask.view(n, h, w)

@@ -289,6 +289,18 @@ def test_cmalign_arbitrary_partners(device):
     _check_cmalign(feat, pos_idx, neg_idx, temperature=7.0, margin=0.5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cmalign_mask_channel_path(device, dtype, monkeypatch):
+    """cmalign without the probability cache (CUDA, or CPU volumes over the cap): the partner mask
+    rides along as an extra value channel.  Forced on CPU by hiding the cache from cmalign."""
+    import sys
+
+    cmalign_module = sys.modules["reid_kernels.cmalign"]  # the package's `cmalign` is the function
+    monkeypatch.setattr(cmalign_module, "_soft_warp_probs_shape", lambda query, key: (0,))
+    feat, pos_idx, neg_idx = _cmalign_case(2, 2, 8, 4, 3, dtype, device, seed=36)
+    _check_cmalign(feat, pos_idx, neg_idx)
+
+
 def test_cmalign_layouts(device):
     dtype = torch.float64
     base = _dyadic_maps((8, 6, 4, 3), dtype, device, seed=33).requires_grad_()
@@ -372,8 +384,56 @@ def test_opcheck_soft_warp(device):
     q, k, v = _op_args(device)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     torch.library.opcheck(torch.ops.reid_kernels.soft_warp_fwd.default, (*leaves, 5.0))
-    out, lse = torch.ops.reid_kernels.soft_warp_fwd(q, k, v, 5.0)
-    torch.library.opcheck(torch.ops.reid_kernels.soft_warp_bwd.default, (torch.randn_like(out), q, k, v, out, lse, 5.0))
+    out, lse, probs = torch.ops.reid_kernels.soft_warp_fwd(q, k, v, 5.0)
+    torch.library.opcheck(torch.ops.reid_kernels.soft_warp_bwd.default, (torch.randn_like(out), q, k, v, out, lse, probs, 5.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("fill", [None, 0.0])
+def test_soft_warp_probability_cache(device, dtype, fill):
+    """soft_warp_fwd's probability cache: (N, Lq, Lk) softmax on CPU, empty on CUDA; the backward
+    from the cache equals the backward that recomputes the probabilities (empty cache)."""
+    g = torch.Generator().manual_seed(53)
+    q = torch.randn(3, 8, 10, generator=g, dtype=dtype).to(device)
+    k = torch.randn(3, 8, 7, generator=g, dtype=dtype).to(device)
+    v = torch.randn(3, 5, 7, generator=g, dtype=dtype).to(device)
+    if fill is not None:  # all-zero columns: clamped norms, no radial gradient term
+        q[:, :, 2] = fill
+        k[:, :, 4] = fill
+    out, lse, probs = torch.ops.reid_kernels.soft_warp_fwd(q, k, v, 5.0)
+    if device.type != "cpu":
+        assert probs.shape == (0,)
+        return
+    assert probs.shape == (3, 10, 7) and probs.dtype == dtype
+    q_hat = torch.nn.functional.normalize(q, dim=1, eps=1e-12)
+    k_hat = torch.nn.functional.normalize(k, dim=1, eps=1e-12)
+    expected = torch.softmax(5.0 * q_hat.transpose(1, 2) @ k_hat, dim=2)
+    _assert_close(probs, expected, TOL[dtype], "probs")
+    grad_out = torch.randn(out.shape, generator=g, dtype=dtype)
+    cached = torch.ops.reid_kernels.soft_warp_bwd(grad_out, q, k, v, out, lse, probs, 5.0)
+    recomputed = torch.ops.reid_kernels.soft_warp_bwd(grad_out, q, k, v, out, lse, probs.new_empty(0), 5.0)
+    for name, a, b in zip(("query", "key", "value"), cached, recomputed):
+        _assert_close(a, b, TOL[dtype], f"grad_{name}")
+    # With the cache, the CPU backward accepts an empty `out` (cmalign reuses that buffer).
+    no_out = torch.ops.reid_kernels.soft_warp_bwd(grad_out, q, k, v, out.new_empty(0), lse, probs, 5.0)
+    for name, a, b in zip(("query", "key", "value"), no_out, cached):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m: f"grad_{name} without out: {m}")
+
+
+def test_soft_warp_probability_cache_shape_rule():
+    """The fake kernel's cache rule: CPU up to 256 MiB of accumulation-dtype elements, else empty."""
+    from reid_kernels._ops import SOFT_WARP_PROB_CACHE_BYTES, _soft_warp_probs_shape
+
+    def maps(n, length, dtype=torch.float32, device="cpu"):  # stride-0 views: no memory
+        return torch.zeros((), dtype=dtype, device=device).expand(n, 4, length)
+
+    assert SOFT_WARP_PROB_CACHE_BYTES == 256 << 20
+    assert _soft_warp_probs_shape(maps(64, 162), maps(64, 162)) == (64, 162, 162)
+    assert _soft_warp_probs_shape(maps(1, 8192), maps(1, 8192)) == (1, 8192, 8192)  # exactly 256 MiB
+    assert _soft_warp_probs_shape(maps(1, 8193), maps(1, 8192)) == (0,)
+    assert _soft_warp_probs_shape(maps(1, 8192, torch.float64), maps(1, 8192, torch.float64)) == (0,)
+    assert _soft_warp_probs_shape(maps(1, 8192, torch.float16), maps(1, 8192, torch.float16)) == (1, 8192, 8192)
+    assert _soft_warp_probs_shape(maps(2, 3, device="meta"), maps(2, 3, device="meta")) == (0,)
 
 
 def test_torch_compile_fullgraph(device):

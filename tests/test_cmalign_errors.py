@@ -150,9 +150,13 @@ def test_kernel_checks_direct_calls():
         torch.ops.reid_kernels.soft_warp_fwd(q, q, torch.randn(2, 4, 5), 1.0)
     with _raises(RuntimeError, "feat", "3-D"):
         torch.ops.reid_kernels.person_mask(torch.randn(2, 4))
-    out, lse = torch.ops.reid_kernels.soft_warp_fwd(q, q, q, 1.0)
+    out, lse, probs = torch.ops.reid_kernels.soft_warp_fwd(q, q, q, 1.0)
     with _raises(RuntimeError, "lse", "float32"):
-        torch.ops.reid_kernels.soft_warp_bwd(out, q, q, q, out, lse.double(), 1.0)
+        torch.ops.reid_kernels.soft_warp_bwd(out, q, q, q, out, lse.double(), probs, 1.0)
+    with _raises(RuntimeError, "probs", "(2, 6, 6)"):
+        torch.ops.reid_kernels.soft_warp_bwd(out, q, q, q, out, lse, probs[:, :3].contiguous(), 1.0)
+    with _raises(RuntimeError, "probs", "Float"):
+        torch.ops.reid_kernels.soft_warp_bwd(out, q, q, q, out, lse, probs.double(), 1.0)
 
 
 # ---- devices -----------------------------------------------------------------

@@ -13,9 +13,16 @@
 // thread.  Normalised copies of query and key are never made either: the raw
 // products are scaled by the inverse norms inside the fused pass.
 //
-// The backward recomputes S and P block by block (only `lse` is saved) and
-// renormalises each recomputed row of P, so float64 gradients stay exact
-// although `lse` is stored in float32.
+// Probability cache: when the whole (N, Lq, Lk) probability volume takes at
+// most kMaxCachedProbBytes, the forward writes P straight into it (no scratch)
+// and returns it; the backward then reads P instead of recomputing S = q^T k
+// (one of its five matrix products) and the exponentials, and takes the
+// normalisation's radial terms from column dots of the gradients (the CUDA
+// kernels' formula) since it has no S.  Cached or not, P is computed with the
+// same arithmetic (cosine first, then exp(t * cos - lse), renormalised), so
+// both backward paths see the same probabilities.  Otherwise `probs` is empty and the backward
+// recomputes S and P block by block from `lse`, renormalising each recomputed
+// row of P so float64 gradients stay exact although `lse` is float32.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -35,6 +42,7 @@ constexpr double kNormEps = 1e-12;            // F.normalize's eps (reference.py
 constexpr int64_t kScratchElems = 1 << 18;     // one scratch block: rows * Lk elements (1 MiB in float32)
 constexpr int64_t kMinBlockRows = 32;          // keeps the blocked matrix products efficient
 constexpr int64_t kElementwiseGrain = 1 << 14; // elements per task of the element-wise loops
+constexpr int64_t kMaxCachedProbBytes = int64_t(256) << 20;  // probability cache cap (csrc/ops.cpp)
 
 // ---------------------------------------------------------------------------
 // Argument checks (the Python wrappers check first; these guard direct calls).
@@ -70,6 +78,17 @@ Dims check_inputs(const at::Tensor& query, const at::Tensor& key, const at::Tens
 
 bool is_reduced_float(const at::Tensor& t) {
   return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+}
+
+// The (N, Lq, Lk) probability cache in the accumulation dtype, or an empty (0,)
+// tensor when it would exceed kMaxCachedProbBytes (the rule of csrc/ops.cpp,
+// mirrored by the fake kernel in reid_kernels/_ops.py).
+at::Tensor probability_cache(const Dims& d, const at::Tensor& query) {
+  const auto acc = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t elem = acc == at::kDouble ? 8 : 4;
+  const bool fits = d.Lq == 0 || d.Lk == 0 || d.N <= kMaxCachedProbBytes / elem / d.Lq / d.Lk;
+  if (!fits) return at::empty({0}, query.options().dtype(acc));
+  return at::empty({d.N, d.Lq, d.Lk}, query.options().dtype(acc));
 }
 
 // ---------------------------------------------------------------------------
@@ -169,44 +188,60 @@ void softmax_block(at::Tensor& block, const T* inv_q, const T* inv_k, T t, float
 }
 
 template <typename T>
+void recompute_block(at::Tensor& scores_block, at::Tensor& prob_block, const T* inv_q, const T* inv_k, T t,
+                     const float* lse);
+
+// probs: this sample's (Lq, Lk) slice of the probability cache, or undefined.
+template <typename T>
 void forward_sample(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                    float* lse, T t) {
+                    float* lse, T t, const at::Tensor& probs) {
   const int64_t C = q.size(0), Lq = q.size(1), Lk = k.size(1);
-  const int64_t rows = rows_per_block(Lq, Lk);
+  const bool cached = probs.defined();
+  const int64_t rows = cached ? Lq : rows_per_block(Lq, Lk);
   at::Tensor inv_q = at::empty({Lq}, q.options());
   at::Tensor inv_k = at::empty({Lk}, q.options());
-  at::Tensor scratch = at::empty({rows, Lk}, q.options());
+  at::Tensor scratch = cached ? probs : at::empty({rows, Lk}, q.options());
+  at::Tensor raw_scores = cached ? at::empty({Lq, Lk}, q.options()) : at::Tensor();  // rows == Lq
   inverse_column_norms(q.const_data_ptr<T>(), C, Lq, Lq, inv_q.mutable_data_ptr<T>(), static_cast<T*>(nullptr));
   inverse_column_norms(k.const_data_ptr<T>(), C, Lk, Lk, inv_k.mutable_data_ptr<T>(), static_cast<T*>(nullptr));
   for (int64_t p0 = 0; p0 < Lq; p0 += rows) {
     const int64_t pb = std::min(rows, Lq - p0);
-    at::Tensor prob = scratch.narrow(0, 0, pb);
+    at::Tensor prob = scratch.narrow(0, cached ? p0 : 0, pb);
     at::mm_out(prob, q.narrow(1, p0, pb).t(), k);  // raw q . k, eq. 1 before scaling
+    if (cached) raw_scores.copy_(prob);
     softmax_block(prob, inv_q.const_data_ptr<T>() + p0, inv_k.const_data_ptr<T>(), t, lse + p0);
+    if (cached) {
+      // Cache exactly what soft_warp_bwd would recompute from lse (same arithmetic): the
+      // gradients then do not depend on whether the cache was used.
+      recompute_block(raw_scores, prob, inv_q.const_data_ptr<T>() + p0, inv_k.const_data_ptr<T>(), t, lse + p0);
+    }
     at::Tensor out_blk = out.narrow(1, p0, pb);
     at::mm_out(out_blk, v, prob.t());  // eq. 4
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> soft_warp_fwd_cpu(const at::Tensor& query, const at::Tensor& key,
-                                                     const at::Tensor& value, double temperature) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_warp_fwd_cpu(const at::Tensor& query, const at::Tensor& key,
+                                                                 const at::Tensor& value, double temperature) {
   const Dims d = check_inputs(query, key, value, temperature);
   if (is_reduced_float(query)) {  // compute in float32, return in the input dtype
-    auto [out, lse] = soft_warp_fwd_cpu(query.to(at::kFloat), key.to(at::kFloat), value.to(at::kFloat), temperature);
-    return {out.to(query.scalar_type()), lse};
+    auto [out, lse, probs] =
+        soft_warp_fwd_cpu(query.to(at::kFloat), key.to(at::kFloat), value.to(at::kFloat), temperature);
+    return {out.to(query.scalar_type()), lse, probs};
   }
   at::Tensor out = at::empty({d.N, d.Cv, d.Lq}, query.options());
   at::Tensor lse = at::empty({d.N, d.Lq}, query.options().dtype(at::kFloat));
-  if (d.N == 0 || d.Lq == 0) return {out, lse};
+  at::Tensor probs = probability_cache(d, query);
+  if (d.N == 0 || d.Lq == 0) return {out, lse, probs};
+  const bool cached = probs.numel() > 0;
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "soft_warp_fwd_cpu", [&] {
     float* lse_ptr = lse.mutable_data_ptr<float>();
     const auto t = static_cast<scalar_t>(temperature);
     for_each_sample(d.N, [&](int64_t n) {
       forward_sample<scalar_t>(query.select(0, n), key.select(0, n), value.select(0, n), out.select(0, n),
-                               lse_ptr + n * d.Lq, t);
+                               lse_ptr + n * d.Lq, t, cached ? probs.select(0, n) : at::Tensor());
     });
   });
-  return {out, lse};
+  return {out, lse, probs};
 }
 
 // ---------------------------------------------------------------------------
@@ -333,6 +368,80 @@ void backward_sample(const at::Tensor& grad_out, const at::Tensor& q, const at::
   subtract_radial(grad_k.mutable_data_ptr<T>(), kp, col_sums.const_data_ptr<T>(), C, Lk, Lk);
 }
 
+// In place on the dP of a block of rows given the cached P: dP -> G = dS * inv_q[p] * inv_k[j],
+// dS = t * P * (dP - rowsum(P * dP)) (softmax backward times the temperature).
+template <typename T>
+void score_gradients_cached(const T* prob, T* dprob, int64_t rows, int64_t Lk, const T* inv_q, const T* inv_k, T t) {
+  parallel_over(rows, Lk, [&](int64_t r) {
+    const T* pr = prob + r * Lk;
+    T* dp = dprob + r * Lk;
+    T centre = 0;
+    for (int64_t j = 0; j < Lk; ++j) centre += pr[j] * dp[j];
+    for (int64_t j = 0; j < Lk; ++j) {
+      const T ds = t * pr[j] * (dp[j] - centre);
+      dp[j] = ds * inv_q[r] * inv_k[j];
+    }
+  });
+}
+
+// Normalisation backward on a (C, L) gradient: grad[:, l] -= radial[l] * (x[:, l] . grad[:, l]) * x[:, l].
+// With grad[:, l] = inv[l] * (gradient w.r.t. x_hat[:, l]), x[:, l] . grad[:, l] is the sum over
+// the partner axis of dS * S, so this is the radial term of the gradient of x / max(||x||, eps)
+// (the CUDA kernels' formula) without needing S.
+template <typename T>
+void normalize_backward(T* grad, const T* x, const T* radial, int64_t C, int64_t L) {
+  constexpr int64_t kChunk = 64;
+  parallel_over((L + kChunk - 1) / kChunk, 2 * C * kChunk, [&](int64_t chunk) {
+    const int64_t begin = chunk * kChunk, cols = std::min(L, begin + kChunk) - begin;
+    double dots[kChunk] = {};  // double: the subtraction below can cancel most of grad
+    for (int64_t c = 0; c < C; ++c) {
+      const T* xr = x + c * L + begin;
+      const T* gr = grad + c * L + begin;
+      for (int64_t l = 0; l < cols; ++l) dots[l] += static_cast<double>(xr[l]) * gr[l];
+    }
+    T coef[kChunk];
+    for (int64_t l = 0; l < cols; ++l) coef[l] = static_cast<T>(dots[l] * radial[begin + l]);
+    for (int64_t c = 0; c < C; ++c) {
+      const T* xr = x + c * L + begin;
+      T* gr = grad + c * L + begin;
+      for (int64_t l = 0; l < cols; ++l) gr[l] -= coef[l] * xr[l];
+    }
+  });
+}
+
+// Backward of one sample from its cached (Lq, Lk) probabilities: four matrix products.
+template <typename T>
+void backward_sample_cached(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                            const at::Tensor& v, const at::Tensor& prob, T t, at::Tensor grad_q, at::Tensor grad_k,
+                            at::Tensor grad_v) {
+  const int64_t C = q.size(0), Lq = q.size(1), Lk = k.size(1);
+  const auto opts = q.options();
+  at::Tensor inv_q = at::empty({Lq}, opts), radial_q = at::empty({Lq}, opts);
+  at::Tensor inv_k = at::empty({Lk}, opts), radial_k = at::empty({Lk}, opts);
+  at::Tensor g = at::empty({Lq, Lk}, opts);
+  inverse_column_norms(q.const_data_ptr<T>(), C, Lq, Lq, inv_q.mutable_data_ptr<T>(), radial_q.mutable_data_ptr<T>());
+  inverse_column_norms(k.const_data_ptr<T>(), C, Lk, Lk, inv_k.mutable_data_ptr<T>(), radial_k.mutable_data_ptr<T>());
+
+  at::mm_out(grad_v, grad_out, prob);  // eq. 4 backward
+  at::mm_out(g, grad_out.t(), v);      // dP
+  score_gradients_cached(prob.const_data_ptr<T>(), g.mutable_data_ptr<T>(), Lq, Lk, inv_q.const_data_ptr<T>(),
+                         inv_k.const_data_ptr<T>(), t);
+  at::mm_out(grad_q, k, g.t());
+  at::mm_out(grad_k, q, g);
+  normalize_backward(grad_q.mutable_data_ptr<T>(), q.const_data_ptr<T>(), radial_q.const_data_ptr<T>(), C, Lq);
+  normalize_backward(grad_k.mutable_data_ptr<T>(), k.const_data_ptr<T>(), radial_k.const_data_ptr<T>(), C, Lk);
+}
+
+void check_probs(const at::Tensor& probs, const Dims& d, const at::Tensor& query) {
+  const auto acc = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(probs.device().is_cpu() && probs.scalar_type() == acc && probs.is_contiguous(), "probs: expected a ",
+              "contiguous ", acc, " CPU tensor (soft_warp_fwd's third output), got dtype ", probs.scalar_type(), " on ",
+              probs.device());
+  if (probs.numel() == 0) return;
+  TORCH_CHECK(probs.dim() == 3 && probs.size(0) == d.N && probs.size(1) == d.Lq && probs.size(2) == d.Lk,
+              "probs: expected shape (", d.N, ", ", d.Lq, ", ", d.Lk, ") or an empty tensor, got ", probs.sizes());
+}
+
 void check_like_shape(const at::Tensor& t, const char* name, at::IntArrayRef shape, const at::Tensor& query) {
   TORCH_CHECK(t.sizes() == shape, name, ": expected shape ", shape, ", got ", t.sizes());
   check_map(t, name, query);
@@ -341,17 +450,20 @@ void check_like_shape(const at::Tensor& t, const char* name, at::IntArrayRef sha
 std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_warp_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& query,
                                                                  const at::Tensor& key, const at::Tensor& value,
                                                                  const at::Tensor& out, const at::Tensor& lse,
-                                                                 double temperature) {
+                                                                 const at::Tensor& probs, double temperature) {
   const Dims d = check_inputs(query, key, value, temperature);
   check_like_shape(grad_out, "grad_out", {d.N, d.Cv, d.Lq}, query);
-  check_like_shape(out, "out", {d.N, d.Cv, d.Lq}, query);
+  // The CPU backward never reads `out`; with the probability cache it may be empty, so a
+  // caller can reuse the forward's output buffer (reid_kernels.cmalign does).
+  if (!(out.numel() == 0 && probs.numel() > 0)) check_like_shape(out, "out", {d.N, d.Cv, d.Lq}, query);
   TORCH_CHECK(lse.device().is_cpu() && lse.scalar_type() == at::kFloat && lse.is_contiguous(),
               "lse: expected a contiguous float32 CPU tensor, got dtype ", lse.scalar_type(), " on ", lse.device());
   TORCH_CHECK(lse.dim() == 2 && lse.size(0) == d.N && lse.size(1) == d.Lq, "lse: expected shape (", d.N, ", ", d.Lq,
               "), got ", lse.sizes());
+  check_probs(probs, d, query);
   if (is_reduced_float(query)) {  // compute in float32, return in the input dtype
     const auto f = [](const at::Tensor& t) { return t.to(at::kFloat); };
-    auto [gq, gk, gv] = soft_warp_bwd_cpu(f(grad_out), f(query), f(key), f(value), f(out), lse, temperature);
+    auto [gq, gk, gv] = soft_warp_bwd_cpu(f(grad_out), f(query), f(key), f(value), f(out), lse, probs, temperature);
     const auto dtype = query.scalar_type();
     return {gq.to(dtype), gk.to(dtype), gv.to(dtype)};
   }
@@ -365,6 +477,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_warp_bwd_cpu(const at::Tenso
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "soft_warp_bwd_cpu", [&] {
     const float* lse_ptr = lse.const_data_ptr<float>();
     const auto t = static_cast<scalar_t>(temperature);
+    if (probs.numel() > 0) {
+      for_each_sample(d.N, [&](int64_t n) {
+        backward_sample_cached<scalar_t>(grad_out.select(0, n), query.select(0, n), key.select(0, n),
+                                         value.select(0, n), probs.select(0, n), t, grad_q.select(0, n),
+                                         grad_k.select(0, n), grad_v.select(0, n));
+      });
+      return;
+    }
     for_each_sample(d.N, [&](int64_t n) {
       backward_sample<scalar_t>(grad_out.select(0, n), query.select(0, n), key.select(0, n), value.select(0, n),
                                 lse_ptr + n * d.Lq, t, grad_q.select(0, n), grad_k.select(0, n),

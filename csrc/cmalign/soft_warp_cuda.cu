@@ -746,12 +746,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_warp_bwd_cuda(const at::Tens
   return {grad_query, grad_key, grad_value};
 }
 
+// Schema adapters (csrc/ops.cpp): the CUDA kernels never cache the softmax
+// probabilities -- memory stays O(N * C * L) -- so `probs` is always an empty
+// (0,) tensor of the accumulation dtype, and the backward recomputes them.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_warp_fwd_cuda_op(const at::Tensor& query, const at::Tensor& key,
+                                                                     const at::Tensor& value, double temperature) {
+  auto [out, lse] = soft_warp_fwd_cuda(query, key, value, temperature);
+  at::Tensor probs = at::empty({0}, query.options().dtype(acc_dtype(query.scalar_type())));
+  return {out, lse, probs};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_warp_bwd_cuda_op(const at::Tensor& grad_out,
+                                                                     const at::Tensor& query, const at::Tensor& key,
+                                                                     const at::Tensor& value, const at::Tensor& out,
+                                                                     const at::Tensor& lse, const at::Tensor& probs,
+                                                                     double temperature) {
+  TORCH_CHECK(probs.numel() == 0,
+              "probs: expected an empty tensor (the CUDA forward caches no probabilities), got shape ", probs.sizes());
+  return soft_warp_bwd_cuda(grad_out, query, key, value, out, lse, temperature);
+}
+
 }  // namespace
 }  // namespace cmalign_cuda
 
 TORCH_LIBRARY_IMPL(reid_kernels, CUDA, m) {
-  m.impl("soft_warp_fwd", &cmalign_cuda::soft_warp_fwd_cuda);
-  m.impl("soft_warp_bwd", &cmalign_cuda::soft_warp_bwd_cuda);
+  m.impl("soft_warp_fwd", &cmalign_cuda::soft_warp_fwd_cuda_op);
+  m.impl("soft_warp_bwd", &cmalign_cuda::soft_warp_bwd_cuda_op);
 }
 
 }  // namespace reid_kernels
