@@ -8,8 +8,10 @@ from ._extension import require_backend_for
 from ._validate import check_finite_float, check_same_device, check_same_dtype, check_tensor
 
 REDUCTIONS = ("mean", "sum", "none")
-_CPU_DTYPES = (torch.float32, torch.float64)
-_CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# The CPU kernel takes float32 / float64; float16 / bfloat16 CPU maps are computed in float32
+# and the loss returned in their dtype (as soft_warp and person_mask do).
+_CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
 def masked_dense_triplet(
@@ -24,8 +26,8 @@ def masked_dense_triplet(
 
     Args:
         anchor, positive, negative: ``(N, C, H, W)`` feature maps (or ``(N, C, L)``); distances
-            are L2 over the channel axis at each position.  float32/float64 on the CPU,
-            float32/float16/bfloat16/float64 on CUDA (float32 accumulation for the half types).
+            are L2 over the channel axis at each position.  float32, float64, float16 or bfloat16
+            (float32 accumulation for the half types; on the CPU they are computed in float32).
         weight: ``(N, H, W)`` (or ``(N, L)``) per-position weight, same dtype -- LbA's co-attention of
             each anchor with its positive partner (eq. 9, each anchor by its own map).  It is a
             constant: it receives NO gradient (LbA detaches the co-attention).
@@ -53,23 +55,26 @@ def masked_dense_triplet(
     named = [("anchor", anchor), ("positive", positive), ("negative", negative), ("weight", weight)]
     check_same_device(named)
     check_same_dtype(named)
-    allowed = _CUDA_DTYPES if anchor.device.type == "cuda" else _CPU_DTYPES
-    if anchor.dtype not in allowed:
-        names = ", ".join(str(d) for d in allowed)
-        raise TypeError(f"anchor: expected dtype in ({names}) on {anchor.device.type}, got {anchor.dtype}")
+    if anchor.dtype not in DTYPES:
+        names = ", ".join(str(d) for d in DTYPES)
+        raise TypeError(f"anchor: expected dtype in ({names}), got {anchor.dtype}")
     margin = check_finite_float("margin", margin)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
     require_backend_for(anchor, "anchor")
 
     n, c = anchor.shape[:2]
+    kernel_dtype = anchor.dtype
+    if anchor.device.type == "cpu" and anchor.dtype not in _CPU_KERNEL_DTYPES:
+        kernel_dtype = torch.float32
 
     def as_ncl(t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(n, c, -1).contiguous()
+        return t.reshape(n, c, -1).to(kernel_dtype).contiguous()
 
     loss_map = torch.ops.reid_kernels.masked_dense_triplet_fwd(
-        as_ncl(anchor), as_ncl(positive), as_ncl(negative), weight.detach().reshape(n, -1).contiguous(), margin
-    ).view(position_shape)
+        as_ncl(anchor), as_ncl(positive), as_ncl(negative),
+        weight.detach().reshape(n, -1).to(kernel_dtype).contiguous(), margin,
+    ).view(position_shape).to(anchor.dtype)
     if reduction == "mean":
         return loss_map.mean()
     if reduction == "sum":

@@ -229,6 +229,21 @@ def test_soft_warp_reduced_precision_cpu():
         assert grad_q.dtype == dtype and torch.isfinite(grad_q.float()).all()
 
 
+def test_cmalign_reduced_precision_cpu():
+    """float16 / bfloat16 features on the CPU: every stage runs in float32, results in the input dtype."""
+    pos_idx, neg_idx = reid_kernels.lba_pairs(2, 2, generator=torch.Generator().manual_seed(5))
+    feat = _maps((8, 16, 4, 3), torch.float32, "cpu", seed=24)
+    expected = reference.cmalign(feat, pos_idx, neg_idx, temperature=10.0)
+    for dtype in (torch.float16, torch.bfloat16):
+        x = feat.to(dtype).requires_grad_()
+        out = reid_kernels.cmalign(x, pos_idx, neg_idx, temperature=10.0)
+        assert out.recon_pos.dtype == dtype and out.loss.dtype == dtype
+        torch.testing.assert_close(out.recon_pos.float(), expected.recon_pos, atol=5e-2, rtol=5e-2)
+        torch.testing.assert_close(out.loss.float(), expected.loss, atol=5e-2, rtol=5e-2)
+        (grad,) = torch.autograd.grad(out.loss, (x,))
+        assert grad.dtype == dtype and torch.isfinite(grad.float()).all()
+
+
 # ---------------------------------------------------------------------------
 # cmalign
 
