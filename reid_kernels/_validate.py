@@ -50,6 +50,15 @@ def check_same_dtype(named: Sequence[tuple]) -> None:
             raise TypeError(f"{name}: expected dtype {first.dtype} (like {first_name}), got {tensor.dtype}")
 
 
+def check_int(name: str, value, minimum: int) -> int:
+    """A Python int (not a bool) >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    return value
+
+
 def check_positive_float(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name}: expected a positive float, got {type(value).__name__}")

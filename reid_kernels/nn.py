@@ -7,6 +7,7 @@ import torch.distributed as _dist
 import torch.nn.functional as _F
 
 from ._validate import check_finite_float as _check_finite_float
+from ._validate import check_int as _check_int
 from ._validate import check_positive_float as _check_positive_float
 from ._validate import check_tensor as _check_tensor
 from .cmalign import CMAlignOutput, cmalign as _cmalign
@@ -46,7 +47,7 @@ class CMAlign(torch.nn.Module):
         super().__init__()
         self.temperature = _check_positive_float("temperature", temperature)
         self.margin = _check_finite_float("margin", margin)
-        self.num_pos = _check_num_pos(num_pos)
+        self.num_pos = _check_int("num_pos", num_pos, 1)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, margin={self.margin}, num_pos={self.num_pos}"
@@ -69,7 +70,7 @@ class CMAlign(torch.nn.Module):
             given, missing = ("pos_idx", "neg_idx") if neg_idx is None else ("neg_idx", "pos_idx")
             raise ValueError(f"{missing}: expected a tensor when {given} is given (pass both or neither), got None")
         if pos_idx is None:
-            per_id = self.num_pos if num_pos is None else _check_num_pos(num_pos)
+            per_id = self.num_pos if num_pos is None else _check_int("num_pos", num_pos, 1)
             batch = feat_v.shape[0]
             if batch % per_id != 0 or batch // per_id < 2:
                 raise ValueError(
@@ -79,14 +80,6 @@ class CMAlign(torch.nn.Module):
             pos_idx, neg_idx = _lba_pairs(batch // per_id, per_id, generator=generator)
         feat = torch.cat([feat_v, feat_t], dim=0)
         return _cmalign(feat, pos_idx, neg_idx, self.temperature, self.margin)
-
-
-def _check_num_pos(value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"num_pos: expected an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"num_pos: expected an int >= 1, got {value}")
-    return value
 
 
 # ---- Memory banks ----

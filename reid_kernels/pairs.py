@@ -5,13 +5,7 @@ from typing import Optional, Tuple
 
 import torch
 
-
-def _check_positive_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
-    return value
+from ._validate import check_int
 
 
 def lba_pairs(
@@ -37,8 +31,8 @@ def lba_pairs(
     The draws come from ``generator`` when given, so a seeded generator
     reproduces them.
     """
-    _check_positive_int("num_ids", num_ids, 2)
-    _check_positive_int("num_pos", num_pos, 1)
+    check_int("num_ids", num_ids, 2)
+    check_int("num_pos", num_pos, 1)
     half = num_ids * num_pos
     pos = torch.empty(2 * half, dtype=torch.long)
     neg = torch.empty(2 * half, dtype=torch.long)
