@@ -152,6 +152,18 @@ void inverse_column_norms(const T* x, int64_t C, int64_t cols, int64_t ld, T* in
   });
 }
 
+// Divides a row of exponentials by its sum (the softmax's normaliser, eq. 2) and
+// returns the sum.  The forward and the backward's recomputation share it, so
+// both produce the same probabilities.
+template <typename T>
+T normalize_row(T* row, int64_t Lk) {
+  T sum = 0;
+  for (int64_t j = 0; j < Lk; ++j) sum += row[j];
+  const T inv_sum = T(1) / sum;
+  for (int64_t j = 0; j < Lk; ++j) row[j] *= inv_sum;
+  return sum;
+}
+
 // ---------------------------------------------------------------------------
 // Forward.
 
@@ -178,11 +190,7 @@ void softmax_block(at::Tensor& block, const T* inv_q, const T* inv_k, T t, float
   });
   block.exp_();
   parallel_over(rows, Lk, [&](int64_t r) {
-    T* s = scores + r * Lk;
-    T sum = 0;
-    for (int64_t j = 0; j < Lk; ++j) sum += s[j];
-    const T inv_sum = T(1) / sum;
-    for (int64_t j = 0; j < Lk; ++j) s[j] *= inv_sum;
+    const T sum = normalize_row(scores + r * Lk, Lk);
     lse[r] = static_cast<float>(top[r] + std::log(sum));
   });
 }
@@ -272,13 +280,7 @@ void recompute_block(at::Tensor& scores_block, at::Tensor& prob_block, const T* 
     }
   });
   prob_block.exp_();
-  parallel_over(rows, Lk, [&](int64_t r) {
-    T* pr = prob + r * Lk;
-    T sum = 0;
-    for (int64_t j = 0; j < Lk; ++j) sum += pr[j];
-    const T inv_sum = T(1) / sum;
-    for (int64_t j = 0; j < Lk; ++j) pr[j] *= inv_sum;
-  });
+  parallel_over(rows, Lk, [&](int64_t r) { normalize_row(prob + r * Lk, Lk); });
 }
 
 // In place: dprob (dP) -> G, scores (S) -> dS * S; coef[r] = radial_q[r] * a[r].
