@@ -12,7 +12,7 @@ Modules: :mod:`~reid_kernels.nn` (CMAlign, MemoryBank), :mod:`~reid_kernels.metr
 (SYSU-MM01 and RegDB evaluation), :mod:`~reid_kernels.retrieval` (FAISS / torch
 gallery search), :mod:`~reid_kernels.rerank` (k-reciprocal re-ranking, SAAI's AIM).
 """
-from . import metrics, nn, protocols, reference, rerank, retrieval
+from . import losses, metrics, nn, protocols, reference, rerank, retrieval
 from ._extension import extension_available, has_cuda_kernels
 from .cmalign import CMAlignOutput, cmalign, person_mask, soft_warp
 from .dense_triplet import masked_dense_triplet
@@ -27,6 +27,7 @@ __all__ = [
     "extension_available",
     "has_cuda_kernels",
     "lba_pairs",
+    "losses",
     "masked_dense_triplet",
     "memory_update_",
     "metrics",

@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from training.data import (CrossModalityIdentitySampler, DatasetError, PairedDataset, TrainTransform, collate_pairs,
+from training.data import (BatchSpec, CrossModalityIdentitySampler, DatasetError, ImageCache, ModalityDataset,
+                           TrainTransform, collate_batch,
                            load_trainset)
 from training.data.common import load_image
 from training.synth import SynthConfig, generate
@@ -143,11 +144,36 @@ def test_sampler_rejects_bad_sizes():
 def test_paired_dataset_batches_and_deterministic_augmentation(sysu_root):
     ts = load_trainset("sysu", str(sysu_root))
     transform = TrainTransform(flip=0.5, pad=2, erasing=0.5, channel_aug="exchange")
-    ds = PairedDataset(ts, transform, 32, 16, cache=True)
+    ds = ModalityDataset(ts, transform, ImageCache(32, 16, keep=True))
     sampler = CrossModalityIdentitySampler(ts.visible.labels, ts.infrared.labels, 3, 2, seed=0)
     slots = list(sampler)[:6]
-    x_vis, x_ir, y_vis, y_ir = collate_pairs([ds[s] for s in slots])
+    batch = collate_batch([ds[s] for s in slots])
+    x_vis, x_ir = batch.images["visible"], batch.images["infrared"]
+    assert batch.modalities == ("visible", "infrared")
     assert x_vis.shape == x_ir.shape == (6, 3, 32, 16) and x_vis.dtype == torch.float32
-    assert torch.equal(y_vis, y_ir)
-    again = collate_pairs([ds[s] for s in slots])
-    assert torch.equal(again[0], x_vis) and torch.equal(again[1], x_ir)
+    assert torch.equal(batch.labels["visible"], batch.labels["infrared"])
+    again = collate_batch([ds[s] for s in slots])
+    assert torch.equal(again.images["visible"], x_vis) and torch.equal(again.images["infrared"], x_ir)
+
+
+def test_auxiliary_modality_is_a_channel_exchanged_copy_and_leaves_the_others_unchanged(sysu_root):
+    ts = load_trainset("sysu", str(sysu_root))
+    transform = TrainTransform(flip=0.5, pad=2)
+    images = ImageCache(32, 16, keep=True)
+    slots = list(CrossModalityIdentitySampler(ts.visible.labels, ts.infrared.labels, 3, 2, seed=0))[:6]
+    two = collate_batch([ModalityDataset(ts, transform, images)[s] for s in slots])
+    spec = BatchSpec(("visible", "infrared", "auxiliary"), "channel_exchange")
+    three = collate_batch([ModalityDataset(ts, transform, images, spec)[s] for s in slots])
+    assert three.modalities == ("visible", "infrared", "auxiliary")
+    # adding a derived modality draws after the others: visible and infrared images are unchanged
+    assert torch.equal(three.images["visible"], two.images["visible"])
+    assert torch.equal(three.images["infrared"], two.images["infrared"])
+    aux = three.images["auxiliary"]
+    assert torch.equal(three.labels["auxiliary"], three.labels["visible"])
+    # every auxiliary image has three equal channels (one channel of the normalised image copied)
+    assert torch.equal(aux[:, 0], aux[:, 1]) and torch.equal(aux[:, 1], aux[:, 2])
+    assert three.all_labels().shape == (18,) and three.sizes() == (6, 6, 6)
+    with pytest.raises(ValueError, match="auxiliary"):
+        BatchSpec(("visible", "auxiliary"), None)
+    with pytest.raises(ValueError, match="auxiliary"):
+        BatchSpec(("visible", "infrared", "auxiliary"), "bogus")

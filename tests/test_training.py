@@ -1,4 +1,4 @@
-"""Training application: config validation, model, LbA recipe, engine (learning, resume, DDP)."""
+"""Training application: config validation, backbone, LbA recipe, engine (learning, resume, DDP)."""
 import os
 import socket
 import warnings
@@ -8,9 +8,11 @@ import torch
 import torch.multiprocessing as mp
 
 from training.config import ConfigError, load_config
-from training.engine import Trainer, lr_factor
+from training.data import Batch
+from training.engine.loop import Trainer
+from training.engine.schedule import lr_factor
 from training.evaluate import evaluate
-from training.models import TwoStreamResNet, load_pretrained
+from training.models import ReIDBackbone, load_pretrained
 from training.recipes import LbARecipe, batch_hard_triplet
 from training.synth import SynthConfig, generate
 
@@ -81,14 +83,18 @@ def test_lr_schedule_matches_lba():
 
 
 # --- model --------------------------------------------------------------------------------------------
+def two(x_vis, x_ir):
+    return {"visible": x_vis, "infrared": x_ir}
+
+
 def test_two_stream_shapes_and_feature_taps():
-    model = TwoStreamResNet(num_classes=7, depth=18, width=8, stem_stride=2)
-    out = model(torch.randn(4, 3, 64, 32), torch.randn(4, 3, 64, 32))
+    model = ReIDBackbone(num_classes=7, depth=18, width=8, stem_stride=2)
+    out = model(two(torch.randn(4, 3, 64, 32), torch.randn(4, 3, 64, 32)))
     # stride 4 stem, /2 at layer2 and layer3, last stride 1: 64x32 -> 4x2 at layer3 and layer4
     assert out.feat3.shape == (8, 32, 4, 2) and out.feat4.shape == (8, 64, 4, 2)
     assert out.pooled.shape == (8, 64) and out.logits.shape == (8, 7)
     assert model.head.classifier.bias is None and not model.head.bn.bias.requires_grad
-    r50 = TwoStreamResNet(num_classes=3, depth=50, width=8)
+    r50 = ReIDBackbone(num_classes=3, depth=50, width=8)
     assert r50.feat_dim == 256 and r50.feat3_dim == 128
     # the stems are modality-specific: the two modalities give different descriptors for one image
     model.eval()
@@ -99,7 +105,7 @@ def test_two_stream_shapes_and_feature_taps():
 
 
 def test_pretrained_torchvision_state_dict_loads_into_both_stems(tmp_path):
-    source = TwoStreamResNet(num_classes=5, depth=18, width=8)
+    source = ReIDBackbone(num_classes=5, depth=18, width=8)
     state = {}
     for name, tensor in source.state_dict().items():
         if name.startswith("visible_stem."):
@@ -108,7 +114,7 @@ def test_pretrained_torchvision_state_dict_loads_into_both_stems(tmp_path):
             state[name] = tensor.clone()
     state["fc.weight"] = torch.randn(1000, 64)
     torch.save(state, tmp_path / "resnet.pth")
-    target = TwoStreamResNet(num_classes=5, depth=18, width=8)
+    target = ReIDBackbone(num_classes=5, depth=18, width=8)
     load_pretrained(target, str(tmp_path / "resnet.pth"), log=lambda *_: None)
     t = target.state_dict()
     assert torch.equal(t["infrared_stem.conv1.weight"], state["conv1.weight"])
@@ -117,7 +123,7 @@ def test_pretrained_torchvision_state_dict_loads_into_both_stems(tmp_path):
     with pytest.warns(UserWarning, match="not found"):
         load_pretrained(target, str(tmp_path / "absent.pth"))
     with pytest.raises(ValueError, match="shape"):
-        load_pretrained(TwoStreamResNet(num_classes=5, depth=18, width=16), str(tmp_path / "resnet.pth"))
+        load_pretrained(ReIDBackbone(num_classes=5, depth=18, width=16), str(tmp_path / "resnet.pth"))
 
 
 # --- recipe -------------------------------------------------------------------------------------------
@@ -139,11 +145,13 @@ def test_every_table3_switch_runs_and_backpropagates(ic, dt, coattention, sites)
     cfg = load_config("lba_synth", [f"loss.ic={ic}", f"loss.dt={dt}", f"loss.coattention={coattention}",
                                     f"loss.sites={sites}"])
     torch.manual_seed(0)
-    model = TwoStreamResNet(num_classes=4, depth=10, width=8, stem_stride=1)
-    recipe = LbARecipe(cfg["loss"], num_ids=4, num_pos=2, seed=0)
-    labels = torch.arange(4).repeat_interleave(2).repeat(2)
-    out = model(torch.randn(8, 3, H, W), torch.randn(8, 3, H, W))
-    loss, logs = recipe(model, out, labels)
+    model = ReIDBackbone(num_classes=4, depth=10, width=8, stem_stride=1)
+    cfg["sampler"].update(num_ids=4, num_pos=2)
+    recipe = LbARecipe(cfg, num_classes=4, seed=0)
+    labels = torch.arange(4).repeat_interleave(2)
+    batch = Batch(two(torch.randn(8, 3, H, W), torch.randn(8, 3, H, W)), two(labels, labels))
+    out = model(batch.images)
+    loss, logs = recipe.losses(model, batch, out)
     loss.backward()
     assert torch.isfinite(loss)
     assert ("ic4" in logs) == (ic and 4 in sites) and ("dt5" in logs) == (dt and 5 in sites)
@@ -282,12 +290,12 @@ def test_regdb_evaluation_routes_modalities(tmp_path):
     assert modality_of("/d/cam6/0001/0001.jpg", "sysu") == "infrared"
     cfg = load_config("lba_regdb", [f"data.root={root}", "data.height=32", "data.width=16", "data.pad=2",
                                     "model.depth=10", "model.width=8"])
-    model = TwoStreamResNet(num_classes=3, depth=10, width=8)
+    model = ReIDBackbone(num_classes=3, depth=10, width=8)
     calls = []
     original = model.extract
-    model.extract = lambda x, kind: calls.append(kind) or original(x, kind)
+    model.extract = lambda x, kind, descriptor: calls.append((kind, descriptor)) or original(x, kind, descriptor)
     result = evaluate(model, str(root), cfg)
-    assert set(calls) == {"visible", "infrared"}
+    assert set(calls) == {("visible", "pooled"), ("infrared", "pooled")}
     assert [r["setting"] for r in result["rows"]] == ["visible->thermal", "thermal->visible"]
     assert 0.0 < result["summary"]["mAP"] <= 1.0
 

@@ -2,6 +2,11 @@
 
 Every key has a type and a range; unknown keys and bad values raise
 :class:`ConfigError` naming the dotted key, what was expected and what came.
+
+Layers, later ones winning: :data:`DEFAULTS` <- the recipe's ``DEFAULTS`` (its ``loss``
+section, and its ``model`` / ``optim`` / ``train`` defaults) <- the YAML file <- dotted
+``updates`` <- ``key=value`` overrides. The recipe is the one the overrides, updates or
+the file name (in that order), else ``lba``.
 """
 from __future__ import annotations
 
@@ -10,6 +15,9 @@ import os
 from typing import Any, Callable, Dict, Optional, Sequence
 
 import yaml
+
+from . import validators as v
+from .recipes import RECIPES
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
@@ -32,119 +40,71 @@ DEFAULTS: Dict[str, Any] = {
                   "ir_invert": False},
     },
     "sampler": {"num_ids": 8, "num_pos": 4},
-    "model": {"depth": 50, "width": 64, "last_stride": 1, "stem_stride": 2, "maxpool": True,
-              "gem_p": 3.0, "gem_learnable": False, "pretrained": None},
-    "loss": {"ic": True, "dt": True, "coattention": True, "sites": [4, 5], "lambda_ic": 1.0, "lambda_dt": 0.5,
-             "beta": 50.0, "dt_margin": 0.3, "triplet_margin": 0.3},
-    "optim": {"lr_backbone": 0.01, "lr_head": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": True,
-              "warmup_epochs": 10, "milestones": [20, 50], "gamma": 0.1},
+    # Shared backbone options (ALGORITHMS.md §3.1, §5.1): 1-3 modality-specific stems, AGW
+    # non-local blocks, GeM fixed or learnable; the BNNeck is always there.
+    "model": {"depth": 50, "width": 64, "last_stride": 1, "stem_stride": 2, "maxpool": True, "stems": 2,
+              "non_local": False, "gem_p": 3.0, "gem_learnable": False, "pretrained": None},
+    "loss": {},  # the recipe's section
+    "optim": {"name": "sgd", "lr_backbone": 0.01, "lr_head": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
+              "nesterov": True, "warmup_epochs": 10, "milestones": [20, 50], "gamma": 0.1},
     "train": {"epochs": 81, "amp": "none", "device": "auto", "eval_every": 10, "checkpoint_every": 1,
               "log_every": 20, "max_steps_per_epoch": None, "threads": None, "progress": True,
               "tensorboard": True, "deterministic": False},
     "eval": {"trials": 10, "modes": ["all", "indoor"], "shots": ["single"], "batch_size": 128, "max_rank": 20,
-             "final": True},
+             "final": True, "rerank": "none"},
 }
-
-
-# --- validators: each returns an error description or None --------------------------------
-def _int(lo=None, hi=None, nullable=False):
-    def check(v):
-        if v is None and nullable:
-            return None
-        if isinstance(v, bool) or not isinstance(v, int):
-            return f"an integer{' or null' if nullable else ''}"
-        if (lo is not None and v < lo) or (hi is not None and v > hi):
-            return f"an integer in [{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
-        return None
-    return check
-
-
-def _float(lo=None, hi=None, lo_open=False):
-    def check(v):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
-            return "a number"
-        if lo is not None and (v < lo or (lo_open and v == lo)):
-            return f"a number {'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "")
-        if hi is not None and v > hi:
-            return f"a number <= {hi}"
-        return None
-    return check
-
-
-def _bool(v):
-    return None if isinstance(v, bool) else "true or false"
-
-
-def _choice(*options):
-    def check(v):
-        return None if v in options else f"one of {list(options)}"
-    return check
-
-
-def _str(nullable=False):
-    def check(v):
-        if v is None and nullable:
-            return None
-        return None if isinstance(v, str) and v else f"a non-empty string{' or null' if nullable else ''}"
-    return check
-
-
-def _list(item: Callable, allowed=None, nonempty=True, increasing=False):
-    def check(v):
-        if not isinstance(v, (list, tuple)) or (nonempty and not v):
-            return "a non-empty list" if nonempty else "a list"
-        for x in v:
-            err = item(x)
-            if err or (allowed is not None and x not in allowed):
-                return f"a list of {err or 'values in ' + str(list(allowed))}"
-        if increasing and list(v) != sorted(set(v)):
-            return "a strictly increasing list"
-        return None
-    return check
 
 
 SPEC: Dict[str, Callable[[Any], Optional[str]]] = {
-    "seed": _int(0), "recipe": _choice("lba"), "out": _str(),
-    "data.dataset": _choice("sysu", "regdb", "synth"), "data.root": _str(nullable=True),
-    "data.trial": _int(1, 10), "data.height": _int(16), "data.width": _int(8),
-    "data.flip": _float(0, 1), "data.pad": _int(0), "data.erasing": _float(0, 1),
-    "data.channel_aug": _choice("none", "grayscale", "exchange"), "data.channel_prob": _float(0, 1),
-    "data.cache": _bool, "data.workers": _int(0),
-    "data.synth.ids": _int(4), "data.synth.test_ids": _int(2), "data.synth.seed": _int(0),
-    "data.synth.images_per_cam": _int(1), "data.synth.jitter": _float(0), "data.synth.occlusion": _float(0, 1),
-    "data.synth.clutter": _int(0), "data.synth.noise": _float(0), "data.synth.palette": _int(2, 12),
-    "data.synth.ir_material": _float(0, 1), "data.synth.ir_invert": _bool,
-    "sampler.num_ids": _int(2), "sampler.num_pos": _int(1),
-    "model.depth": _choice(10, 18, 34, 50, 101), "model.width": _int(4), "model.last_stride": _choice(1, 2),
-    "model.stem_stride": _choice(1, 2), "model.maxpool": _bool, "model.gem_p": _float(1.0),
-    "model.gem_learnable": _bool, "model.pretrained": _str(nullable=True),
-    "loss.ic": _bool, "loss.dt": _bool, "loss.coattention": _bool,
-    "loss.sites": _list(_int(), allowed=(4, 5), increasing=True),
-    "loss.lambda_ic": _float(0), "loss.lambda_dt": _float(0), "loss.beta": _float(0, lo_open=True),
-    "loss.dt_margin": _float(0), "loss.triplet_margin": _float(0),
-    "optim.lr_backbone": _float(0, lo_open=True), "optim.lr_head": _float(0, lo_open=True),
-    "optim.momentum": _float(0, 1), "optim.weight_decay": _float(0), "optim.nesterov": _bool,
-    "optim.warmup_epochs": _int(0), "optim.milestones": _list(_int(1), nonempty=False, increasing=True),
-    "optim.gamma": _float(0, 1, lo_open=True),
-    "train.epochs": _int(1), "train.amp": _choice("none", "bf16", "fp16"),
-    "train.device": _choice("auto", "cpu", "cuda"), "train.eval_every": _int(0),
-    "train.checkpoint_every": _int(1), "train.log_every": _int(1),
-    "train.max_steps_per_epoch": _int(1, nullable=True), "train.threads": _int(1, nullable=True),
-    "train.progress": _bool, "train.tensorboard": _bool, "train.deterministic": _bool,
-    "eval.trials": _int(1), "eval.modes": _list(_str(), allowed=("all", "indoor")),
-    "eval.shots": _list(_str(), allowed=("single", "multi")), "eval.batch_size": _int(1),
-    "eval.max_rank": _int(1), "eval.final": _bool,
+    "seed": v.integer(0), "recipe": v.choice(*RECIPES), "out": v.string(),
+    "data.dataset": v.choice("sysu", "regdb", "synth"), "data.root": v.string(nullable=True),
+    "data.trial": v.integer(1, 10), "data.height": v.integer(16), "data.width": v.integer(8),
+    "data.flip": v.number(0, 1), "data.pad": v.integer(0), "data.erasing": v.number(0, 1),
+    "data.channel_aug": v.choice("none", "grayscale", "exchange"), "data.channel_prob": v.number(0, 1),
+    "data.cache": v.boolean, "data.workers": v.integer(0),
+    "data.synth.ids": v.integer(4), "data.synth.test_ids": v.integer(2), "data.synth.seed": v.integer(0),
+    "data.synth.images_per_cam": v.integer(1), "data.synth.jitter": v.number(0),
+    "data.synth.occlusion": v.number(0, 1), "data.synth.clutter": v.integer(0), "data.synth.noise": v.number(0),
+    "data.synth.palette": v.integer(2, 12), "data.synth.ir_material": v.number(0, 1),
+    "data.synth.ir_invert": v.boolean,
+    "sampler.num_ids": v.integer(2), "sampler.num_pos": v.integer(1),
+    "model.depth": v.choice(10, 18, 34, 50, 101), "model.width": v.integer(4), "model.last_stride": v.choice(1, 2),
+    "model.stem_stride": v.choice(1, 2), "model.maxpool": v.boolean, "model.stems": v.choice(1, 2, 3),
+    "model.non_local": v.boolean, "model.gem_p": v.number(1.0), "model.gem_learnable": v.boolean,
+    "model.pretrained": v.string(nullable=True),
+    "optim.name": v.choice("sgd", "adam"),
+    "optim.lr_backbone": v.number(0, lo_open=True), "optim.lr_head": v.number(0, lo_open=True),
+    "optim.momentum": v.number(0, 1), "optim.weight_decay": v.number(0), "optim.nesterov": v.boolean,
+    "optim.warmup_epochs": v.integer(0), "optim.milestones": v.listof(v.integer(1), nonempty=False, increasing=True),
+    "optim.gamma": v.number(0, 1, lo_open=True),
+    "train.epochs": v.integer(1), "train.amp": v.choice("none", "bf16", "fp16"),
+    "train.device": v.choice("auto", "cpu", "cuda"), "train.eval_every": v.integer(0),
+    "train.checkpoint_every": v.integer(1), "train.log_every": v.integer(1),
+    "train.max_steps_per_epoch": v.integer(1, nullable=True), "train.threads": v.integer(1, nullable=True),
+    "train.progress": v.boolean, "train.tensorboard": v.boolean, "train.deterministic": v.boolean,
+    "eval.trials": v.integer(1), "eval.modes": v.listof(v.string(), allowed=("all", "indoor")),
+    "eval.shots": v.listof(v.string(), allowed=("single", "multi")), "eval.batch_size": v.integer(1),
+    "eval.max_rank": v.integer(1), "eval.final": v.boolean,
+    "eval.rerank": v.choice("none", "k_reciprocal", "aim", "aim-paper"),
 }
 
 
-def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+def spec_for(recipe: str) -> Dict[str, Callable[[Any], Optional[str]]]:
+    """Every key's validator for a config of ``recipe``: :data:`SPEC` plus the recipe's ``loss.*``."""
+    spec = dict(SPEC)
+    spec.update({f"loss.{k}": check for k, check in RECIPES[recipe].LOSS_SPEC.items()})
+    return spec
+
+
+def flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """Nested config -> ``{"dotted.key": value}`` (the form of ``updates``)."""
     out = {}
-    for k, v in d.items():
+    for k, value in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and f"{key}" not in SPEC:
-            out.update(_flatten(v, key + "."))
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, key + "."))
         else:
-            out[key] = v
+            out[key] = value
     return out
 
 
@@ -167,10 +127,13 @@ def _set(cfg: Dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def validate(cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """Check every key against :data:`SPEC`; returns ``cfg``."""
-    flat = _flatten(cfg)
+    """Check every key against :func:`spec_for` its recipe; returns ``cfg``."""
+    if cfg.get("recipe") not in RECIPES:
+        raise ConfigError(f"recipe: expected one of {list(RECIPES)}, got {cfg.get('recipe')!r}")
+    spec = spec_for(cfg["recipe"])
+    flat = flatten(cfg)
     for key, value in flat.items():
-        check = SPEC.get(key)
+        check = spec.get(key)
         if check is None:
             raise ConfigError(f"{key}: unknown config key")
         err = check(value)
@@ -182,6 +145,9 @@ def validate(cfg: Dict[str, Any]) -> Dict[str, Any]:
     if cfg["data"]["pad"] >= min(cfg["data"]["height"], cfg["data"]["width"]):
         raise ConfigError(f"data.pad: expected < image size {cfg['data']['height']}x{cfg['data']['width']}, "
                           f"got {cfg['data']['pad']}")
+    problem = RECIPES[cfg["recipe"]].check_config(cfg)
+    if problem:
+        raise ConfigError(problem)
     return cfg
 
 
@@ -208,22 +174,47 @@ def parse_override(text: str):
     return key.strip(), value
 
 
+def _merge(base: Dict[str, Any], extra: Dict[str, Any]) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict) and key != "loss":
+            _merge(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+
+
+def defaults_for(recipe: str) -> Dict[str, Any]:
+    """:data:`DEFAULTS` with the recipe's defaults merged in (its ``loss`` section whole)."""
+    if recipe not in RECIPES:
+        raise ConfigError(f"recipe: expected one of {list(RECIPES)}, got {recipe!r}")
+    cfg = copy.deepcopy(DEFAULTS)
+    _merge(cfg, RECIPES[recipe].DEFAULTS)
+    cfg["recipe"] = recipe
+    return cfg
+
+
 def load_config(name_or_path: Optional[str] = None, overrides: Sequence[str] = (),
                 updates: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """Defaults <- YAML file <- ``updates`` (dotted keys) <- ``key=value`` overrides, validated."""
-    cfg = copy.deepcopy(DEFAULTS)
+    """Defaults <- recipe defaults <- YAML file <- ``updates`` (dotted keys) <- ``key=value`` overrides, validated."""
+    data: Dict[str, Any] = {}
     if name_or_path:
         path = resolve_path(name_or_path)
         with open(path, "rt") as handle:
             data = yaml.safe_load(handle) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"config {path}: expected a mapping at the top level")
-        for key, value in data.items():
-            _set(cfg, key, value)
+    parsed = [parse_override(text) for text in overrides]
+    recipe = data.get("recipe", DEFAULTS["recipe"])
+    recipe = (updates or {}).get("recipe", recipe)
+    for key, value in parsed:
+        if key == "recipe":
+            recipe = value
+    cfg = defaults_for(recipe)
+    for key, value in data.items():
+        _set(cfg, key, value)
     for key, value in (updates or {}).items():
         _set(cfg, key, value)
-    for text in overrides:
-        _set(cfg, *parse_override(text))
+    for key, value in parsed:
+        _set(cfg, key, value)
     return validate(cfg)
 
 

@@ -41,11 +41,11 @@ def run_demo(out: str, rows=DEFAULT_ROWS, config: str = "lba_synth", overrides: 
              log=print) -> Dict[str, object]:
     """Train and evaluate every row for every training seed (default: the config's seed)."""
     from .config import load_config
-    from .engine import Trainer, resolve_data_root
+    from .data import load_trainset, resolve_data_root
+    from .engine.loop import Trainer
     from .evaluate import evaluate
-    from .models import build_model
+    from .recipes import build_model
     from .visualize import visualize
-    from .data import load_trainset
 
     start_all = time.time()
     base_updates = {"data.root": os.path.join(out, "data"), "train.eval_every": 0, "eval.final": True}
@@ -64,7 +64,7 @@ def run_demo(out: str, rows=DEFAULT_ROWS, config: str = "lba_synth", overrides: 
         torch.manual_seed(seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            untrained = build_model(dict(cfg0["model"], pretrained=None), num_classes)
+            untrained = build_model(dict(cfg0, model=dict(cfg0["model"], pretrained=None)), num_classes)
         t = time.time()
         floor = evaluate(untrained, root, cfg0)["summary"]
         runs.append({"row": "untrained network", "key": "untrained", "seed": seed, **floor,

@@ -1,18 +1,20 @@
 """Evaluation of a trained model on the SYSU-MM01 / RegDB protocols (and synthetic data).
 
 The engine calls exactly one function, :func:`evaluate`, so the protocol code lives in one
-place. Test descriptors are the GeM-pooled layer4 features (ALGORITHMS.md §2.7), ranked
-by cosine distance; infrared images go through the infrared stem, visible through the
-visible stem. SYSU-layout data (real or synthetic) uses
-:func:`reid_kernels.protocols.evaluate_sysu` (query = IR cameras 3 and 6, gallery drawn
-per trial with the AGW/LbA code's mechanism); RegDB uses
+place. The test descriptor is the recipe's (:meth:`Recipe.test_descriptor`: LbA's
+GeM-pooled layer4 features, MCE's BNNeck output), ranked by cosine distance -- or, with
+``eval.rerank``, by k-reciprocal re-ranking or SAAI's AIM (any recipe); infrared images go
+through the infrared stem, visible through the visible stem. SYSU-layout data (real or
+synthetic) uses :func:`reid_kernels.protocols.evaluate_sysu` (query = IR cameras 3 and 6,
+gallery drawn per trial with the AGW code's mechanism); RegDB uses
 :func:`reid_kernels.protocols.evaluate_regdb` on the configured trial.
 
-CLI: ``python -m training.evaluate --checkpoint run/final.pt [--data-root DIR] [key=value ...]``
+CLI: ``python -m training.evaluate --checkpoint run/final.pt [--data-root DIR] [--json out.json] [key=value ...]``
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -20,9 +22,12 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .data import ImageCache, normalize
+from .features import extract_features
+from .recipes import recipe_class
 
 IR_CAMS = ("cam3", "cam6")
+POSTPROCESS = {"none": None, "k_reciprocal": "k_reciprocal", "aim": "aim", "aim-paper": "aim-paper"}
+JSON_METRICS = ("mAP", "R1", "R10", "R20", "mINP")
 
 
 def modality_of(path: str, dataset: str) -> str:
@@ -34,31 +39,27 @@ def modality_of(path: str, dataset: str) -> str:
 
 
 class FeatureExtractor:
-    """Callable ``paths -> (N, D)`` features with the model in eval mode."""
+    """Callable ``paths -> (N, D)`` CPU features, each image through its modality's stem."""
 
     def __init__(self, model, cfg: dict, device: torch.device):
         self.model = model.module if hasattr(model, "module") else model
         self.cfg = cfg
         self.device = device
-        self.images = ImageCache(cfg["data"]["height"], cfg["data"]["width"], keep=False)
+        self.descriptor = recipe_class(cfg).test_descriptor(cfg)
 
-    @torch.no_grad()
     def __call__(self, paths: Sequence[str]) -> torch.Tensor:
         dataset = self.cfg["data"]["dataset"]
-        batch = self.cfg["eval"]["batch_size"]
         modality = [modality_of(p, dataset) for p in paths]
-        out: List[Optional[torch.Tensor]] = [None] * len(paths)
+        out = torch.zeros(len(paths), self.model.feat_dim)
         for kind in ("visible", "infrared"):
             idx = [i for i, m in enumerate(modality) if m == kind]
-            for start in range(0, len(idx), batch):
-                chunk = idx[start:start + batch]
-                x = torch.stack([normalize(self.images.get(paths[i])) for i in chunk]).to(self.device)
-                feats = self.model.extract(x, kind).float().cpu()
-                for j, i in enumerate(chunk):
-                    out[i] = feats[j]
-        if not out:
-            return torch.zeros(0, self.model.feat_dim)
-        return torch.stack(out)
+            if not idx:
+                continue
+            feats = extract_features(self.model, [paths[i] for i in idx], kind, height=self.cfg["data"]["height"],
+                                     width=self.cfg["data"]["width"], descriptor=self.descriptor,
+                                     batch_size=self.cfg["eval"]["batch_size"], device=self.device)
+            out[torch.tensor(idx)] = feats.cpu()
+        return out
 
 
 def _summary(rows: List[Dict[str, object]]) -> Dict[str, float]:
@@ -75,40 +76,52 @@ def evaluate(model, dataset_root: str, cfg: dict) -> Dict[str, object]:
     """
     from reid_kernels import protocols
 
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     extractor = FeatureExtractor(model, cfg, device)
     ev = cfg["eval"]
+    post = POSTPROCESS[ev["rerank"]]
     start = time.time()
-    try:
-        if cfg["data"]["dataset"] == "regdb":
-            trial = cfg["data"]["trial"]
-            table = protocols.evaluate_regdb(dataset_root, {trial: extractor}, trials=[trial],
-                                             max_rank=ev["max_rank"])
-        else:
-            table = protocols.evaluate_sysu(dataset_root, extractor, modes=ev["modes"], shots=ev["shots"],
-                                            trials=ev["trials"], draw="agw", max_rank=ev["max_rank"])
-    finally:
-        model.train(was_training)
+    if cfg["data"]["dataset"] == "regdb":
+        trial = cfg["data"]["trial"]
+        table = protocols.evaluate_regdb(dataset_root, {trial: extractor}, trials=[trial], postprocess=post,
+                                         max_rank=ev["max_rank"])
+    else:
+        table = protocols.evaluate_sysu(dataset_root, extractor, modes=ev["modes"], shots=ev["shots"],
+                                        trials=ev["trials"], draw="agw", postprocess=post, max_rank=ev["max_rank"])
     rows = table.rows()
     return {"table": str(table), "rows": rows, "summary": _summary(rows), "seconds": time.time() - start}
 
 
+def json_rows(rows: List[Dict[str, object]]) -> Dict[str, object]:
+    """``{"rows": [{"setting", "mAP", "R1", "R10", "R20", "mINP"}, ...]}`` in percent (mean over trials)."""
+    out = []
+    for row in rows:
+        entry: Dict[str, object] = {"setting": row["setting"]}
+        for metric in JSON_METRICS:
+            if f"{metric}_mean" in row:
+                entry[metric] = round(100.0 * float(row[f"{metric}_mean"]), 4)
+        out.append(entry)
+    return {"rows": out, "units": "percent"}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    from .config import load_config
-    from .engine import load_model_from_checkpoint, resolve_data_root
+    from .config import flatten, load_config
+    from .data import resolve_data_root
+    from .engine.checkpoint import load_model_from_checkpoint, read_checkpoint
 
     parser = argparse.ArgumentParser(description="Evaluate a checkpoint on its dataset's test protocol.")
     parser.add_argument("--checkpoint", required=True, help="a checkpoint written by training.train")
     parser.add_argument("--data-root", default=None, help="dataset folder (default: the one in the checkpoint)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. eval.trials=10")
+    parser.add_argument("--json", default=None, metavar="PATH",
+                        help='write {"rows": [{"setting", "mAP", "R1", "R10", "R20", "mINP"}, ...]} to PATH; '
+                             "figures in percent (0-100), means over the gallery trials")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. eval.trials=10 eval.rerank=aim")
     args = parser.parse_args(argv)
     if not os.path.isfile(args.checkpoint):
         parser.error(f"--checkpoint: file not found: {args.checkpoint}")
-    state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-    cfg = load_config(None, args.overrides, updates=_flat(state["config"]))
+    state = read_checkpoint(args.checkpoint)
+    cfg = load_config(None, args.overrides, updates=flatten(state["config"]))
     if args.data_root:
         cfg["data"]["root"] = args.data_root
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -117,17 +130,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     result = evaluate(model, resolve_data_root(cfg, generate=False), cfg)
     print(result["table"])
     print(f"evaluated in {result['seconds']:.1f}s")
+    if args.json:
+        with open(args.json, "wt") as handle:
+            json.dump(json_rows(result["rows"]), handle, indent=1)
+        print(f"wrote {args.json}")
     return 0
-
-
-def _flat(cfg: dict, prefix: str = "") -> Dict[str, object]:
-    out = {}
-    for k, v in cfg.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 if __name__ == "__main__":

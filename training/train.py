@@ -20,7 +20,7 @@ from .config import ConfigError, load_config
 def parse_args(argv: Optional[List[str]] = None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--config", required=True, help="YAML file or built-in config name (lba_sysu, lba_regdb, lba_synth)")
+    parser.add_argument("--config", required=True, help="YAML file or built-in config name (lba_synth, lba_sysu, lba_regdb, mce_synth, mce_sysu, mce_regdb)")
     parser.add_argument("--data-root", default=None, help="dataset folder (overrides data.root)")
     parser.add_argument("--out", default=None, help="output folder for log, checkpoints, history (overrides out)")
     parser.add_argument("--pretrained", default=None, help="torchvision-format ImageNet ResNet state_dict file")
@@ -44,7 +44,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
-    from .engine import Trainer
+    from .engine.loop import Trainer
 
     resume = None
     if args.resume:

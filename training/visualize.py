@@ -142,9 +142,9 @@ def visualize(model, root: str, cfg: dict, out_path: str, pid: Optional[int] = N
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .config import load_config
-    from .engine import load_model_from_checkpoint, resolve_data_root
-    from .evaluate import _flat
+    from .config import flatten, load_config
+    from .data import resolve_data_root
+    from .engine.checkpoint import load_model_from_checkpoint
 
     parser = argparse.ArgumentParser(description="Draw LbA-style correspondences of a trained model.")
     parser.add_argument("--checkpoint", required=True)
@@ -155,7 +155,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out", default="correspondence.png")
     args = parser.parse_args(argv)
     state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-    cfg = load_config(None, updates=_flat(state["config"]))
+    cfg = load_config(None, updates=flatten(state["config"]))
     if args.data_root:
         cfg["data"]["root"] = args.data_root
     model = load_model_from_checkpoint(state, cfg)

@@ -1,24 +1,28 @@
 """Datasets, transforms and the cross-modality sampler.
 
 Data flows dataset -> sampler -> model: :func:`load_trainset` reads a dataset's file
-lists, :class:`PairedDataset` turns sampler slots into (visible, infrared) image pairs,
-:func:`collate_pairs` stacks a batch as ``[visible block ; infrared block]``.
+lists, :class:`CrossModalityIdentitySampler` draws slots, :class:`ModalityDataset` turns
+each slot into the images of the modalities a recipe's :class:`BatchSpec` asks for
+(derived ones included), :func:`collate_batch` stacks them into a :class:`Batch`.
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Tuple
 
 import torch
 
+from .batch import DERIVATIONS, Batch, BatchSpec, ModalityDataset, channel_exchange, collate_batch
 from .common import DatasetError, ImageList, TrainSet, load_image
+from .root import resolve_data_root
 from .regdb import load_regdb
 from .sampler import CrossModalityIdentitySampler
 from .sysu import load_sysu
 from .transforms import TrainTransform, build_train_transform, normalize, resize_to_tensor
 
 __all__ = [
-    "DatasetError", "ImageList", "TrainSet", "PairedDataset", "CrossModalityIdentitySampler", "TrainTransform",
-    "ImageCache", "collate_pairs", "load_trainset", "load_image", "build_train_transform", "normalize",
+    "Batch", "BatchSpec", "CrossModalityIdentitySampler", "DERIVATIONS", "DatasetError", "ImageCache", "ImageList",
+    "ModalityDataset", "TrainSet", "TrainTransform", "build_train_transform", "channel_exchange", "collate_batch",
+    "load_image", "load_trainset", "normalize", "resolve_data_root",
 ]
 
 DATASETS = ("sysu", "regdb", "synth")
@@ -55,30 +59,3 @@ class ImageCache:
         if self.keep:
             self._store[path] = tensor
         return tensor
-
-
-class PairedDataset(torch.utils.data.Dataset):
-    """Indexed by sampler slots ``(visible_index, infrared_index, seed)``."""
-
-    def __init__(self, trainset: TrainSet, transform: TrainTransform, height: int, width: int, cache: bool):
-        self.trainset = trainset
-        self.transform = transform
-        self.images = ImageCache(height, width, cache)
-
-    def __len__(self) -> int:
-        return max(len(self.trainset.visible), len(self.trainset.infrared))
-
-    def __getitem__(self, slot: Tuple[int, int, int]):
-        vis_index, ir_index, seed = slot
-        g = torch.Generator().manual_seed(int(seed))
-        vis = self.trainset.visible
-        ir = self.trainset.infrared
-        x_vis = self.transform(self.images.get(vis.paths[vis_index]), g, visible=True)
-        x_ir = self.transform(self.images.get(ir.paths[ir_index]), g, visible=False)
-        return x_vis, x_ir, int(vis.labels[vis_index]), int(ir.labels[ir_index])
-
-
-def collate_pairs(items: Sequence[tuple]):
-    """-> (visible images (B,3,H,W), infrared images (B,3,H,W), visible labels, infrared labels)."""
-    vis, ir, lv, li = zip(*items)
-    return torch.stack(vis), torch.stack(ir), torch.tensor(lv), torch.tensor(li)

@@ -1,6 +1,31 @@
-"""Training recipes: a recipe turns a model output and labels into a loss."""
+"""Training recipes, one per method, on the interface of :mod:`training.recipes.base`.
+
+``RECIPES`` maps the config's ``recipe`` key to its class; :func:`build_model` assembles
+the shared backbone with what the recipe adds to it.
+"""
+from typing import Dict, Type
+
+from ..models import ReIDBackbone, build_model as build_backbone
+from .base import Recipe, TrainContext, unwrap
 from .lba import LbARecipe, batch_hard_triplet
+from .mce import MCERecipe
 
-RECIPES = {"lba": LbARecipe}
+RECIPES: Dict[str, Type[Recipe]] = {"lba": LbARecipe, "mce": MCERecipe}
 
-__all__ = ["LbARecipe", "RECIPES", "batch_hard_triplet"]
+
+def recipe_class(cfg: dict) -> Type[Recipe]:
+    return RECIPES[cfg["recipe"]]
+
+
+def build_model(cfg: dict, num_classes: int, log=print) -> ReIDBackbone:
+    """The backbone of ``cfg["model"]`` with the recipe's classifier choice and extras."""
+    recipe = recipe_class(cfg)
+    model = build_backbone(cfg["model"], num_classes, classifier=recipe.uses_classifier(cfg), log=log)
+    extras = recipe.build_extras(cfg, model)
+    if extras is not None:
+        model.extras = extras
+    return model
+
+
+__all__ = ["LbARecipe", "MCERecipe", "RECIPES", "Recipe", "TrainContext", "batch_hard_triplet", "build_model",
+           "recipe_class", "unwrap"]

@@ -27,6 +27,10 @@ import torch.nn.functional as F
 import reid_kernels
 from reid_kernels.dense_triplet import masked_dense_triplet
 
+from .. import validators as v
+from ..data import Batch
+from .base import Recipe, unwrap
+
 
 def batch_hard_triplet(features: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:
     """Hermans et al.: for every anchor the farthest positive and nearest negative (Euclidean)."""
@@ -37,20 +41,37 @@ def batch_hard_triplet(features: torch.Tensor, labels: torch.Tensor, margin: flo
     return F.relu(hardest_pos - hardest_neg + margin).mean()  # MarginRankingLoss(y=1), mean over anchors
 
 
-class LbARecipe:
-    """Computes LbA's losses from a model output; owns the pair-drawing generator."""
+class LbARecipe(Recipe):
+    """LbA's losses from a model output; owns the pair-drawing generator."""
 
+    name = "lba"
     SITES = (4, 5)
+    DEFAULTS = {
+        "loss": {"ic": True, "dt": True, "coattention": True, "sites": [4, 5], "lambda_ic": 1.0, "lambda_dt": 0.5,
+                 "beta": 50.0, "dt_margin": 0.3, "triplet_margin": 0.3},
+        # LbA (§2.8): two-stream (stem-specific) ResNet-50, fixed GeM p = 3, pooled test descriptor.
+        "model": {"stems": 2, "non_local": False, "gem_learnable": False},
+        # SGD (Nesterov) backbone 0.01 / head 0.1, warm-up 10 epochs, x0.1 at 20 and 50, 81 epochs.
+        "optim": {"name": "sgd", "lr_backbone": 0.01, "lr_head": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
+                  "nesterov": True, "warmup_epochs": 10, "milestones": [20, 50], "gamma": 0.1},
+        "train": {"epochs": 81},
+    }
+    LOSS_SPEC = {
+        "ic": v.boolean, "dt": v.boolean, "coattention": v.boolean,
+        "sites": v.listof(v.integer(), allowed=(4, 5), increasing=True),
+        "lambda_ic": v.number(0), "lambda_dt": v.number(0), "beta": v.number(0, lo_open=True),
+        "dt_margin": v.number(0), "triplet_margin": v.number(0),
+    }
 
-    def __init__(self, cfg: dict, num_ids: int, num_pos: int, seed: int = 0):
-        self.cfg = cfg
-        self.num_ids, self.num_pos = num_ids, num_pos
+    def __init__(self, cfg: dict, num_classes: int, seed: int = 0):
+        super().__init__(cfg, num_classes, seed)
+        self.num_ids, self.num_pos = cfg["sampler"]["num_ids"], cfg["sampler"]["num_pos"]
         self.generator = torch.Generator().manual_seed(int(seed) + 7919)
-        sites = list(cfg["sites"])
+        sites = list(self.loss_cfg["sites"])
         if not sites or any(s not in self.SITES for s in sites):
             raise ValueError(f"loss.sites: expected a non-empty subset of {list(self.SITES)}, got {sites}")
         self.sites = sorted(set(sites))
-        self.needs_alignment = bool(cfg["ic"] or cfg["dt"])
+        self.needs_alignment = bool(self.loss_cfg["ic"] or self.loss_cfg["dt"])
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         return {"generator": self.generator.get_state()}
@@ -58,8 +79,9 @@ class LbARecipe:
     def load_state_dict(self, state) -> None:
         self.generator.set_state(state["generator"])
 
-    def __call__(self, model, out, labels: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:
-        cfg = self.cfg
+    def losses(self, model, batch: Batch, out) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        cfg = self.loss_cfg
+        labels = batch.all_labels()
         ce = F.cross_entropy(out.logits.float(), labels)
         tri = batch_hard_triplet(out.pooled, labels, cfg["triplet_margin"])
         total = ce + tri
@@ -74,10 +96,10 @@ class LbARecipe:
         return total, logs
 
     def _alignment_losses(self, model, out, labels, logs):
-        cfg = self.cfg
+        cfg = self.loss_cfg
         ic_total = out.pooled.new_zeros((), dtype=torch.float32)
         dt_total = out.pooled.new_zeros((), dtype=torch.float32)
-        inner = model.module if hasattr(model, "module") else model
+        inner = unwrap(model)
         for site in self.sites:
             fmap = (out.feat3 if site == 4 else out.feat4).float()
             pos_idx, neg_idx = reid_kernels.lba_pairs(self.num_ids, self.num_pos, self.generator)

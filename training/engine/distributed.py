@@ -1,0 +1,49 @@
+"""``torchrun`` environment, device choice and barriers (gloo on CPU, NCCL on CUDA)."""
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Tuple
+
+import torch
+import torch.distributed as dist
+
+
+def distributed_env() -> Tuple[int, int, int]:
+    """(rank, world size, local rank) from the ``torchrun`` environment (0, 1, 0 without it)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return rank, world, local
+
+
+def pick_device(choice: str, local_rank: int) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device: 'cuda' requested but no CUDA device is available")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_process_group(world_size: int, device: torch.device) -> None:
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
+
+
+def barrier(world_size: int) -> None:
+    if world_size > 1 and dist.is_initialized():
+        dist.barrier()
+
+
+def destroy(world_size: int) -> None:
+    if world_size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(model: torch.nn.Module, world_size: int, device: torch.device, local_rank: int) -> torch.nn.Module:
+    if world_size == 1:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[local_rank] if device.type == "cuda" else None)

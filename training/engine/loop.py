@@ -1,0 +1,236 @@
+"""The training loop: data -> sampler -> model -> recipe -> optimiser, with hooks, checkpoints
+and evaluation. It knows no method: the recipe (``cfg["recipe"]``) declares the batch it
+needs, computes the losses and runs its own hooks.
+
+* AMP (bf16, or fp16 with a gradient scaler) on CUDA only;
+* DDP under ``torchrun`` (gloo on CPU, NCCL on CUDA): each rank takes every
+  ``world_size``-th sampler batch; rank 0 logs, evaluates and writes checkpoints;
+* ``resume`` continues bit-exactly from an epoch boundary (see :mod:`.checkpoint`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Dict, Optional
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..config import dump
+from ..data import (CrossModalityIdentitySampler, ImageCache, ModalityDataset, build_train_transform, collate_batch,
+                    load_trainset, resolve_data_root)
+from ..evaluate import evaluate
+from ..features import extract_features
+from ..recipes import TrainContext, build_model, recipe_class
+from . import distributed
+from .checkpoint import FORMAT, atomic_save, read_checkpoint, rng_state, seed_everything, set_rng_state
+from .logs import TensorBoard, close_logger, fmt, make_logger, null_logger, progress
+from .schedule import EpochSchedule, build_optimizer
+
+
+class Trainer:
+    def __init__(self, cfg: dict, out: Optional[str] = None, quiet: bool = False):
+        self.cfg = cfg
+        self.out = out or cfg["out"]
+        self.rank, self.world_size, self.local_rank = distributed.distributed_env()
+        self.log = make_logger(self.out, self.rank) if not quiet else null_logger()
+        t = cfg["train"]
+        if t["threads"]:
+            torch.set_num_threads(t["threads"])
+        self.device = distributed.pick_device(t["device"], self.local_rank)
+        distributed.init_process_group(self.world_size, self.device)
+        if t["deterministic"]:
+            torch.use_deterministic_algorithms(True)
+        seed_everything(cfg["seed"] + self.rank)
+        self._build_data()
+        # model, recipe, optimiser (in this order: the model's initialisation draws the global RNG)
+        self.model = build_model(cfg, self.trainset.num_classes, log=self.log.info).to(self.device)
+        self.net = distributed.wrap(self.model, self.world_size, self.device, self.local_rank)
+        self.recipe = recipe_class(cfg)(cfg, self.trainset.num_classes, seed=cfg["seed"] + self.rank)
+        self._build_loader()
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.schedule = EpochSchedule(self.optimizer, cfg["optim"])
+        self.amp_dtype = None
+        if t["amp"] != "none":
+            if self.device.type != "cuda":
+                self.log.info(f"train.amp={t['amp']} ignored: AMP runs on CUDA only (training in float32)")
+            else:
+                self.amp_dtype = torch.bfloat16 if t["amp"] == "bf16" else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.epoch = 0  # next epoch to run
+        self.step = 0
+        self.history = []
+        self.tb = TensorBoard(self.out, t["tensorboard"] and self.rank == 0 and not quiet, self.log.info)
+        self.context = TrainContext(self.model, self.device, self.trainset, cfg, log=self.log.info,
+                                    extract=self.extract_trainset)
+        self.recipe.on_train_start(self.context)
+
+    def _build_data(self) -> None:
+        cfg = self.cfg
+        if self.rank == 0:
+            self.data_root = resolve_data_root(cfg, generate=True, log=self.log.info)
+        self._barrier()
+        if self.rank != 0:
+            self.data_root = resolve_data_root(cfg, generate=False)
+        d = cfg["data"]
+        self.trainset = load_trainset(d["dataset"], self.data_root, d["trial"])
+        self.log.info(self.trainset.summary())
+        s = cfg["sampler"]
+        self.sampler = CrossModalityIdentitySampler(self.trainset.visible.labels, self.trainset.infrared.labels,
+                                                    s["num_ids"], s["num_pos"], seed=cfg["seed"], rank=self.rank,
+                                                    world_size=self.world_size)
+
+    def _build_loader(self) -> None:
+        d = self.cfg["data"]
+        images = ImageCache(d["height"], d["width"], d["cache"])
+        dataset = ModalityDataset(self.trainset, build_train_transform(d), images, self.recipe.batch_spec())
+        self.loader = DataLoader(dataset, batch_size=self.sampler.batch_size, sampler=self.sampler,
+                                 num_workers=d["workers"], collate_fn=collate_batch, drop_last=True,
+                                 persistent_workers=d["workers"] > 0, pin_memory=self.device.type == "cuda")
+
+    def extract_trainset(self, modality: str, descriptor: str, derivation: Optional[str] = None, seed=0):
+        """(features, labels) of every training image of ``modality``: :class:`TrainContext.extract`."""
+        images = self.trainset.visible if modality == "visible" else self.trainset.infrared
+        d = self.cfg["data"]
+        feats = extract_features(self.model, images.paths, modality, height=d["height"], width=d["width"],
+                                 descriptor=descriptor, batch_size=self.cfg["eval"]["batch_size"],
+                                 workers=d["workers"], derivation=derivation, seed=seed, device=self.device)
+        return feats, torch.as_tensor(images.labels, dtype=torch.int64, device=self.device)
+
+    # --- checkpoints -------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "schedule": self.schedule.state_dict(), "sampler": self.sampler.state_dict(),
+                "recipe": self.recipe.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng_state(),
+                "epoch": self.epoch, "step": self.step, "history": self.history, "config": self.cfg,
+                "num_classes": self.trainset.num_classes, "format": FORMAT}
+
+    def save(self, name: str) -> Optional[str]:
+        if self.rank != 0:
+            return None
+        os.makedirs(self.out, exist_ok=True)
+        path = os.path.join(self.out, name)
+        atomic_save(self.state_dict(), path)
+        return path
+
+    def load(self, path: str) -> None:
+        state = read_checkpoint(path, "--resume")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.recipe.load_state_dict(state["recipe"])
+        self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
+        self.log.info(f"resumed from {path} at epoch {self.epoch}")
+
+    # --- training ----------------------------------------------------------------------
+    def _sync_context(self) -> TrainContext:
+        self.context.epoch, self.context.step = self.epoch, self.step
+        return self.context
+
+    def train_epoch(self) -> Dict[str, float]:
+        t = self.cfg["train"]
+        self.sampler.set_epoch(self.epoch)
+        self.schedule.set_epoch(self.epoch)
+        hook_start = time.time()
+        hook_logs = self.recipe.on_epoch_start(self._sync_context()) or {}
+        hook_seconds = time.time() - hook_start
+        self.net.train()
+        total = len(self.loader) if t["max_steps_per_epoch"] is None else min(len(self.loader), t["max_steps_per_epoch"])
+        bar = progress(total, f"epoch {self.epoch + 1}/{t['epochs']}", t["progress"] and self.rank == 0)
+        sums: Dict[str, float] = {}
+        count, images, start = 0, 0, time.time()
+        for i, batch in enumerate(self.loader):
+            if i >= total:
+                break
+            batch = batch.to(self.device, non_blocking=True)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                out = self.net(batch.images)
+                loss, logs = self.recipe.losses(self.net, batch, out)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at epoch {self.epoch}, step {i} ({fmt(logs)})")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.step += 1
+            self.recipe.after_step(self._sync_context())
+            count += 1
+            images += batch.num_images()
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            rate = images / max(time.time() - start, 1e-9)
+            if bar is not None:
+                bar.set_postfix(loss=f"{float(logs['loss']):.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
+                                img_s=f"{rate:.0f}")
+                bar.update(1)
+            if self.step % t["log_every"] == 0:
+                for k, v in logs.items():
+                    self.tb.scalar(f"train/{k}", float(v), self.step)
+                self.tb.scalar("train/lr", self.optimizer.param_groups[0]["lr"], self.step)
+        if bar is not None:
+            bar.close()
+        means = {k: v / max(count, 1) for k, v in sums.items()}
+        means["seconds"] = time.time() - start
+        means["images_per_s"] = images / max(means["seconds"], 1e-9)
+        if hook_logs:
+            means.update(hook_logs)
+            # the epoch-start hook's share of the epoch (e.g. MCE's centroid refresh)
+            means["epoch_start_share"] = hook_seconds / max(hook_seconds + means["seconds"], 1e-9)
+        return means
+
+    def evaluate(self) -> Dict[str, object]:
+        return evaluate(self.model, self.data_root, self.cfg)
+
+    def fit(self, resume: Optional[str] = None) -> Dict[str, object]:
+        t = self.cfg["train"]
+        if resume:
+            self.load(resume)
+        if self.rank == 0 and self.out:
+            os.makedirs(self.out, exist_ok=True)
+            with open(os.path.join(self.out, "config.yaml"), "wt") as handle:
+                handle.write(dump(self.cfg))
+        last_eval = None
+        while self.epoch < t["epochs"]:
+            means = self.train_epoch()
+            self.epoch += 1
+            record = {"epoch": self.epoch, **{k: round(v, 5) for k, v in means.items()}}
+            self.log.info(f"epoch {self.epoch}: {fmt(means)} lr {self.optimizer.param_groups[0]['lr']:.2e}")
+            do_eval = t["eval_every"] and self.epoch % t["eval_every"] == 0 and self.epoch < t["epochs"]
+            if do_eval and self.rank == 0:
+                last_eval = self.evaluate()
+                record["eval"] = last_eval["summary"]
+                self._log_eval(last_eval)
+            self.history.append(record)
+            for k, v in means.items():
+                self.tb.scalar(f"epoch/{k}", v, self.epoch)
+            if self.epoch % t["checkpoint_every"] == 0 or self.epoch == t["epochs"]:
+                self.save("last.pt")
+            self._barrier()
+        if self.cfg["eval"]["final"] and self.rank == 0:
+            last_eval = self.evaluate()
+            self._log_eval(last_eval)
+        path = self.save("final.pt")
+        if self.rank == 0 and self.out:
+            with open(os.path.join(self.out, "history.json"), "wt") as handle:
+                json.dump({"history": self.history, "final": last_eval and {k: last_eval[k] for k in ("rows", "summary")}},
+                          handle, indent=1, default=float)
+        self.tb.close()
+        self._barrier()
+        return {"eval": last_eval, "history": self.history, "checkpoint": path}
+
+    def _log_eval(self, result: Dict[str, object]) -> None:
+        self.log.info(result["table"])
+        s = result["summary"]
+        for k in ("mAP", "R1", "mINP"):
+            self.tb.scalar(f"eval/{k}", s[k], self.epoch)
+
+    def _barrier(self) -> None:
+        distributed.barrier(self.world_size)
+
+    def close(self) -> None:
+        distributed.destroy(self.world_size)
+        close_logger(self.log)
