@@ -1,6 +1,13 @@
-"""The synthetic LbA demo: data -> three ablation rows -> results table -> correspondence figure.
+"""The synthetic demo: data -> ablation rows -> results table (-> correspondence figure).
 
     python -m training.demo [--out runs/demo] [--seeds 0,1,2] [--epochs N] [--threads T]
+    python -m training.demo --config mce_synth --out runs/demo_mce --seeds 0,1,2   # MCE's Table 3 rows
+
+With ``--config mce_synth`` (any config of the ``mce`` recipe) the rows are MCE's Table 3
+ablation (``--rows`` among :data:`MCE_ROWS`) and there is no correspondence figure; the
+steps below describe the default LbA demo. With several seeds the table also gives each
+row's paired difference to the first trained row (same seed, same data, same
+initialisation), mean ± std over seeds.
 
 1. generates a synthetic VI-ReID set (SYSU-MM01 layout, :mod:`training.synth`) in
    ``<out>/data`` (deterministic from ``--data-seed``; reused when already there);
@@ -26,17 +33,32 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-ROWS = {
+LBA_ROWS = {
     "baseline": ("baseline (ID loss only)", {"loss.ic": False, "loss.dt": False}),
     "ic": ("+IC", {"loss.ic": True, "loss.dt": False}),
     "ic_dt": ("+IC +DT (full LbA)", {"loss.ic": True, "loss.dt": True, "loss.coattention": True}),
     "ic_dt_noatt": ("+IC +DT, no co-attention", {"loss.ic": True, "loss.dt": True, "loss.coattention": False}),
     "dt": ("+DT", {"loss.ic": False, "loss.dt": True, "loss.coattention": True}),
 }
-DEFAULT_ROWS = ("baseline", "ic", "ic_dt")
+MCE_ROWS = {  # MCE's Table 3 (3 input modalities unless "2 ch")
+    "ce": ("CE", {"loss.ce": True, "loss.memory_agnostic": False, "loss.memory_aware": False, "loss.mi": False,
+                  "loss.gc": False}),
+    "lu": ("L^u", {"loss.memory_aware": False, "loss.mi": False, "loss.gc": False}),
+    "lw": ("L_W", {"loss.mi": False, "loss.gc": False}),
+    "lw_dmi": ("L_W + L^D_MI", {"loss.gc": False, "loss.mi_centroids": "bank"}),
+    "lw_mi": ("L_W + L_MI", {"loss.gc": False}),
+    "full_d": ("L_W + L^D_MI + L^D_GC", {"loss.mi_centroids": "bank", "loss.gc_centroids": "bank"}),
+    "full": ("L_W + L_MI + L_GC (full MCE)", {}),
+    "lw_2ch": ("L_W, 2 ch", {"loss.channels": 2, "loss.mi": False, "loss.gc": False}),
+    "full_2ch": ("L_W + L_MI + L_GC, 2 ch", {"loss.channels": 2}),
+}
+ROWS_BY_RECIPE = {"lba": LBA_ROWS, "mce": MCE_ROWS}
+DEFAULT_ROWS_BY_RECIPE = {"lba": ("baseline", "ic", "ic_dt"), "mce": ("lw", "lw_mi", "full")}
+ROWS = LBA_ROWS  # the LbA demo's rows (kept under their old name)
+DEFAULT_ROWS = DEFAULT_ROWS_BY_RECIPE["lba"]
 
 
-def run_demo(out: str, rows=DEFAULT_ROWS, config: str = "lba_synth", overrides: Optional[List[str]] = None,
+def run_demo(out: str, rows=None, config: str = "lba_synth", overrides: Optional[List[str]] = None,
              updates: Optional[Dict[str, object]] = None, visualise: bool = True, seeds: Sequence[int] = (),
              log=print) -> Dict[str, object]:
     """Train and evaluate every row for every training seed (default: the config's seed)."""
@@ -51,6 +73,12 @@ def run_demo(out: str, rows=DEFAULT_ROWS, config: str = "lba_synth", overrides: 
     base_updates = {"data.root": os.path.join(out, "data"), "train.eval_every": 0, "eval.final": True}
     base_updates.update(updates or {})
     cfg0 = load_config(config, overrides or [], updates=base_updates)
+    table_rows = ROWS_BY_RECIPE[cfg0["recipe"]]
+    rows = tuple(rows or DEFAULT_ROWS_BY_RECIPE[cfg0["recipe"]])
+    unknown = [r for r in rows if r not in table_rows]
+    if unknown:
+        raise ValueError(f"rows: unknown {unknown} for recipe {cfg0['recipe']!r}; expected among {list(table_rows)}")
+    visualise = visualise and cfg0["recipe"] == "lba"  # the figure draws CMAlign's correspondences
     seeds = list(seeds) or [cfg0["seed"]]
     torch.set_num_threads(cfg0["train"]["threads"] or torch.get_num_threads())
     t = time.time()
@@ -71,7 +99,7 @@ def run_demo(out: str, rows=DEFAULT_ROWS, config: str = "lba_synth", overrides: 
                      "seconds": time.time() - t})
         log(f"[seed {seed}] untrained network: mAP {100 * floor['mAP']:.2f}")
         for key in rows:
-            name, switches = ROWS[key]
+            name, switches = table_rows[key]
             cfg = load_config(config, overrides or [], updates={**base_updates, **switches, "seed": seed})
             t = time.time()
             with warnings.catch_warnings():
@@ -83,11 +111,14 @@ def run_demo(out: str, rows=DEFAULT_ROWS, config: str = "lba_synth", overrides: 
                 trainer.close()
             seconds = time.time() - t
             summary = result["eval"]["summary"]
+            shares = [h["epoch_start_share"] for h in result["history"] if "epoch_start_share" in h]
             runs.append({"row": name, "key": key, "seed": seed, **summary, "seconds": seconds,
-                         "final_loss": result["history"][-1].get("loss")})
+                         "final_loss": result["history"][-1].get("loss"),
+                         # the epoch-start hook's share of each epoch (MCE's centroid refresh)
+                         "epoch_start_share": float(np.mean(shares)) if shares else None})
             log(f"[seed {seed}] {name}: mAP {100 * summary['mAP']:.2f}  R1 {100 * summary['R1']:.2f}  "
                 f"mINP {100 * summary['mINP']:.2f}  ({seconds:.0f}s)")
-            if full_model is None or (key == "ic_dt" and seed == seeds[0]):
+            if visualise and (full_model is None or (key == "ic_dt" and seed == seeds[0])):
                 full_model = trainer.model
     figure = None
     if visualise and full_model is not None:
@@ -128,6 +159,7 @@ def format_table(runs, cfg, seeds, total: float, data_seconds: float) -> str:
         lines.append(f"| {mine[0]['row']} | {cell('mAP')} | {cell('R1')} | {cell('mINP')} | {seconds:.0f} s |")
     lines.append("")
     if several:
+        lines += paired_differences(runs, keys)
         lines.append("(mean ± std over training seeds)")
     else:
         lines.append("(one training seed: on this small set seed-to-seed differences reach several mAP points; "
@@ -136,12 +168,35 @@ def format_table(runs, cfg, seeds, total: float, data_seconds: float) -> str:
     return "\n".join(lines)
 
 
+def paired_differences(runs, keys) -> List[str]:
+    """Per-seed differences of every trained row to the first trained row: mean ± std (and the
+    number of seeds where the row is ahead), the seed-matched comparison the spread hides."""
+    trained = [k for k in keys if k != "untrained"]
+    if len(trained) < 2:
+        return []
+    first = trained[0]
+    by_seed = {(r["key"], r["seed"]): r for r in runs}
+    seeds = sorted({r["seed"] for r in runs if r["key"] == first})
+    first_name = by_seed[(first, seeds[0])]["row"]
+    lines = [f"| paired difference to {first_name} | Δ mAP | Δ R1 | seeds ahead |", "|---|---|---|---|"]
+    for key in trained[1:]:
+        common = [sd for sd in seeds if (key, sd) in by_seed]
+        d_map = np.array([100 * (by_seed[(key, sd)]["mAP"] - by_seed[(first, sd)]["mAP"]) for sd in common])
+        d_r1 = np.array([100 * (by_seed[(key, sd)]["R1"] - by_seed[(first, sd)]["R1"]) for sd in common])
+        lines.append(f"| {by_seed[(key, common[0])]['row']} | {d_map.mean():+.2f} ± {d_map.std():.2f} | "
+                     f"{d_r1.mean():+.2f} ± {d_r1.std():.2f} | {int((d_map > 0).sum())}/{len(common)} |")
+    lines.append("")
+    return lines
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/demo")
     parser.add_argument("--config", default="lba_synth", help="base config (default: lba_synth)")
-    parser.add_argument("--rows", default=",".join(DEFAULT_ROWS),
-                        help=f"comma-separated rows among {', '.join(ROWS)}")
+    parser.add_argument("--rows", default=None,
+                        help=f"comma-separated rows: LbA among {', '.join(LBA_ROWS)} (default "
+                             f"{','.join(DEFAULT_ROWS)}); MCE among {', '.join(MCE_ROWS)} (default "
+                             f"{','.join(DEFAULT_ROWS_BY_RECIPE['mce'])})")
     parser.add_argument("--epochs", type=int, default=None, help="override train.epochs")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the config's)")
     parser.add_argument("--seeds", default=None,
@@ -150,10 +205,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--no-figure", action="store_true")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value for every row")
     args = parser.parse_args(argv)
-    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-    unknown = [r for r in rows if r not in ROWS]
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None
+    known = {**LBA_ROWS, **MCE_ROWS}
+    unknown = [r for r in rows or () if r not in known]
     if unknown:
-        parser.error(f"--rows: unknown {unknown}; expected among {list(ROWS)}")
+        parser.error(f"--rows: unknown {unknown}; expected among {list(known)}")
     updates: Dict[str, object] = {}
     if args.epochs is not None:
         updates["train.epochs"] = args.epochs

@@ -18,9 +18,9 @@ from .data import DERIVATIONS, ImageCache, normalize
 
 
 class _Images(Dataset):
-    def __init__(self, paths: Sequence[str], height: int, width: int, derivation: Optional[str], seed):
+    def __init__(self, paths: Sequence[str], height: int, width: int, derivation: Optional[str], seed, cache: bool):
         self.paths = list(paths)
-        self.images = ImageCache(height, width, keep=False)
+        self.images = ImageCache(height, width, keep=cache)
         self.derive = DERIVATIONS[derivation] if derivation else None
         self.seed = seed
 
@@ -44,14 +44,15 @@ def image_seed(seed, index: int) -> int:
 
 def extract_features(model, paths: Sequence[str], modality: str, *, height: int, width: int,
                      descriptor: str = "pooled", batch_size: int = 128, workers: int = 0,
-                     derivation: Optional[str] = None, seed=0, device=None) -> torch.Tensor:
+                     derivation: Optional[str] = None, seed=0, device=None, cache: bool = False) -> torch.Tensor:
     """(N, D) float32 descriptors of the images at ``paths``, all of ``modality``, on ``device``
-    (default: the model's). The model's train/eval mode is restored afterwards."""
+    (default: the model's). ``cache`` keeps the decoded images in the process-wide store the
+    training loader shares (``data.cache``). The model's train/eval mode is restored afterwards."""
     inner = model.module if hasattr(model, "module") else model
     device = torch.device(device) if device is not None else next(inner.parameters()).device
     if not len(paths):
         return torch.zeros(0, inner.feat_dim, device=device)
-    loader = DataLoader(_Images(paths, height, width, derivation, seed), batch_size=batch_size,
+    loader = DataLoader(_Images(paths, height, width, derivation, seed, cache), batch_size=batch_size,
                         num_workers=workers, shuffle=False, pin_memory=device.type == "cuda")
     was_training = inner.training
     inner.eval()

@@ -95,7 +95,8 @@ class Trainer:
         d = self.cfg["data"]
         feats = extract_features(self.model, images.paths, modality, height=d["height"], width=d["width"],
                                  descriptor=descriptor, batch_size=self.cfg["eval"]["batch_size"],
-                                 workers=d["workers"], derivation=derivation, seed=seed, device=self.device)
+                                 workers=d["workers"], derivation=derivation, seed=seed, device=self.device,
+                                 cache=d["cache"])
         return feats, torch.as_tensor(images.labels, dtype=torch.int64, device=self.device)
 
     # --- checkpoints -------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The shared VI-ReID backbone every recipe builds on (ALGORITHMS.md §3.1, §5.1, §7).
+"""The shared VI-ReID backbone every recipe builds on (the LbA, MCE and PECA papers' ResNet-50 variants).
 
 * a ResNet (torchvision parameter names, so ImageNet state_dicts load) whose stem --
   conv1/bn1/relu/maxpool -- is modality-specific with ``stems`` = 1, 2 or 3 copies:
@@ -175,8 +175,8 @@ class ReIDBackbone(nn.Module):
         return ModelOutput(f3, f4, pooled, self.head.logits(bn), bn)
 
     def extract(self, x: torch.Tensor, modality: str, descriptor: str = "pooled") -> torch.Tensor:
-        """Test descriptor of a single-modality batch: ``"pooled"`` GeM(layer4) (LbA, §2.7) or
-        ``"bnneck"`` the BNNeck output (MCE, §3.6)."""
+        """Test descriptor of a single-modality batch: ``"pooled"`` GeM(layer4) (LbA) or
+        ``"bnneck"`` the BNNeck output (MCE's released code)."""
         if descriptor not in DESCRIPTORS:
             raise ValueError(f"descriptor: expected one of {DESCRIPTORS}, got {descriptor!r}")
         _, f4 = self.shared(self.stem_for(modality)(x))

@@ -1,7 +1,7 @@
 """MCE -- "Cross-Modality Person Re-identification with Memory-Based Contrastive Embedding"
-(Cheng et al., AAAI 2023); ALGORITHMS.md §3.
+(Cheng et al., AAAI 2023), and its released code (IDLNL/MCE).
 
-Objective (eq. 4 and §3.5): ``L = L_W + lambda1 * L_MI + lambda2 * L_GC`` on the L2-normalised
+Objective (eqs. 4, 8, 9 and the total loss): ``L = L_W + lambda1 * L_MI + lambda2 * L_GC`` on the L2-normalised
 BNNeck features ``f`` of a weight-sharing backbone (one stem, AGW non-local blocks,
 learnable GeM), over three input modalities: visible ``v``, infrared ``r`` and the auxiliary
 ``a`` made from each visible image by channel exchange.
@@ -15,7 +15,7 @@ learnable GeM), over three input modalities: visible ``v``, infrared ``r`` and t
 * ``L_W`` (eq. 2, 4): cluster-contrast cross-entropies ``L^u`` (every feature against
   ``u``) ``+ L^v + L^r + 0.4 L^a`` -- the code's weights; the paper's eq. 4 weights all
   four by 1 (``loss.lambda_aux=1``).
-* Historical centroids ``C`` (§3.3): at every epoch start every training image is
+* Historical centroids ``C`` (the paper's section on historical proxies): at every epoch start every training image is
   re-encoded by the current model in eval mode (the auxiliary copies with a seeded
   channel exchange); the L2-normalised class means become both the banks ``W^{v,r,a}``
   and the frozen ``C^{v,r,a}``; ``W^u = C^u`` is the average of the modality centroids
@@ -124,7 +124,7 @@ class MCERecipe(Recipe):
 
     @classmethod
     def test_descriptor(cls, cfg: dict) -> str:
-        return "bnneck"  # §3.6: the BNNeck output, L2-normalised by the cosine distance
+        return "bnneck"  # the released code: the BNNeck output, L2-normalised by the cosine distance
 
     @classmethod
     def check_config(cls, cfg: dict) -> Optional[str]:
@@ -141,7 +141,7 @@ class MCERecipe(Recipe):
         self.memory.to(ctx.device)
 
     def on_epoch_start(self, ctx: TrainContext) -> Optional[Dict[str, float]]:
-        """Re-extract the historical centroids by a full pass and re-initialise the banks (§3.3)."""
+        """Re-extract the historical centroids by a full pass and re-initialise the banks."""
         if not self.uses_memory:
             return None
         start = time.time()
