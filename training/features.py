@@ -18,8 +18,10 @@ from .data import DERIVATIONS, ImageCache, normalize
 
 
 class _Images(Dataset):
-    def __init__(self, paths: Sequence[str], height: int, width: int, derivation: Optional[str], seed, cache: bool):
+    def __init__(self, paths: Sequence[str], height: int, width: int, derivation: Optional[str], seed, cache: bool,
+                 first_index: int):
         self.paths = list(paths)
+        self.first_index = first_index
         self.images = ImageCache(height, width, keep=cache)
         self.derive = DERIVATIONS[derivation] if derivation else None
         self.seed = seed
@@ -30,7 +32,7 @@ class _Images(Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         x = normalize(self.images.get(self.paths[index]))
         if self.derive is not None:
-            g = torch.Generator().manual_seed(image_seed(self.seed, index))
+            g = torch.Generator().manual_seed(image_seed(self.seed, self.first_index + index))
             x = self.derive(x, g)
         return x
 
@@ -44,15 +46,18 @@ def image_seed(seed, index: int) -> int:
 
 def extract_features(model, paths: Sequence[str], modality: str, *, height: int, width: int,
                      descriptor: str = "pooled", batch_size: int = 128, workers: int = 0,
-                     derivation: Optional[str] = None, seed=0, device=None, cache: bool = False) -> torch.Tensor:
+                     derivation: Optional[str] = None, seed=0, device=None, cache: bool = False,
+                     first_index: int = 0) -> torch.Tensor:
     """(N, D) float32 descriptors of the images at ``paths``, all of ``modality``, on ``device``
     (default: the model's). ``cache`` keeps the decoded images in the process-wide store the
-    training loader shares (``data.cache``). The model's train/eval mode is restored afterwards."""
+    training loader shares (``data.cache``). ``first_index`` is the index of ``paths[0]`` in the
+    whole list the derivation seeds are numbered by (a shard of a pass). The model's train/eval
+    mode is restored afterwards."""
     inner = model.module if hasattr(model, "module") else model
     device = torch.device(device) if device is not None else next(inner.parameters()).device
     if not len(paths):
         return torch.zeros(0, inner.feat_dim, device=device)
-    loader = DataLoader(_Images(paths, height, width, derivation, seed, cache), batch_size=batch_size,
+    loader = DataLoader(_Images(paths, height, width, derivation, seed, cache, first_index), batch_size=batch_size,
                         num_workers=workers, shuffle=False, pin_memory=device.type == "cuda")
     was_training = inner.training
     inner.eval()

@@ -42,6 +42,33 @@ def destroy(world_size: int) -> None:
         dist.destroy_process_group()
 
 
+def broadcast_buffers(model: torch.nn.Module, world_size: int) -> None:
+    """Every rank's buffers (BatchNorm running statistics ...) <- rank 0's, as DDP does before each
+    training forward; an eval-mode pass between steps needs it, since each rank's last training
+    forward updated its own statistics."""
+    if world_size > 1 and dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer.data, 0)
+
+
+def shard(count: int, rank: int, world_size: int) -> Tuple[int, int]:
+    """[start, stop) of ``rank``'s contiguous share of ``count`` items."""
+    per = -(-count // world_size)
+    return min(rank * per, count), min((rank + 1) * per, count)
+
+
+def gather_rows(rows: torch.Tensor, count: int, world_size: int) -> torch.Tensor:
+    """The ranks' :func:`shard` results, concatenated in rank order: the (count, ...) whole."""
+    if world_size == 1 or not dist.is_initialized():
+        return rows
+    per = -(-count // world_size)
+    padded = rows.new_zeros((per, *rows.shape[1:]))
+    padded[: rows.shape[0]] = rows
+    parts = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat(parts)[:count]
+
+
 def wrap(model: torch.nn.Module, world_size: int, device: torch.device, local_rank: int) -> torch.nn.Module:
     if world_size == 1:
         return model

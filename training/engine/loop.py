@@ -93,10 +93,15 @@ class Trainer:
         """(features, labels) of every training image of ``modality``: :class:`TrainContext.extract`."""
         images = self.trainset.visible if modality == "visible" else self.trainset.infrared
         d = self.cfg["data"]
-        feats = extract_features(self.model, images.paths, modality, height=d["height"], width=d["width"],
-                                 descriptor=descriptor, batch_size=self.cfg["eval"]["batch_size"],
+        # Under DDP: rank 0's BatchNorm statistics everywhere, each rank a contiguous shard, then
+        # all-gathered -- every rank ends with the features a single process would compute.
+        distributed.broadcast_buffers(self.model, self.world_size)
+        start, stop = distributed.shard(len(images), self.rank, self.world_size)
+        feats = extract_features(self.model, images.paths[start:stop], modality, height=d["height"],
+                                 width=d["width"], descriptor=descriptor, batch_size=self.cfg["eval"]["batch_size"],
                                  workers=d["workers"], derivation=derivation, seed=seed, device=self.device,
-                                 cache=d["cache"])
+                                 cache=d["cache"], first_index=start)
+        feats = distributed.gather_rows(feats, len(images), self.world_size)
         return feats, torch.as_tensor(images.labels, dtype=torch.int64, device=self.device)
 
     # --- checkpoints -------------------------------------------------------------------

@@ -157,8 +157,10 @@ class MCERecipe(Recipe):
         for modality in self.modalities:
             source = "visible" if modality == "auxiliary" else modality
             derivation = "channel_exchange" if modality == "auxiliary" else None
+            # The run's seed, not the per-rank one: every DDP rank derives the same auxiliary images,
+            # so every rank's banks stay identical.
             feats, labels = ctx.extract(source, "bnneck", derivation=derivation,
-                                        seed=(self.seed, ctx.epoch))
+                                        seed=(self.cfg["seed"], ctx.epoch))
             # The released code's eval forward returns normalize(BN(f)); the means are normalised again.
             out[MODALITY_BANK[modality]] = class_centroids(F.normalize(feats, dim=1), labels, self.num_classes)
         return out
