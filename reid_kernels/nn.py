@@ -11,6 +11,7 @@ from ._validate import check_int as _check_int
 from ._validate import check_positive_float as _check_positive_float
 from ._validate import check_tensor as _check_tensor
 from .cmalign import CMAlignOutput, cmalign as _cmalign
+from .losses import centroid_triplet as _centroid_triplet
 from .memory import CONVENTIONS as _CONVENTIONS, MODES as _MODES, memory_update_ as _memory_update_
 from .pairs import lba_pairs as _lba_pairs
 
@@ -392,26 +393,14 @@ class MemoryBank(torch.nn.Module):
         ``[||f_i - c_{y_i}|| - min_{k != y_i} ||f_i - c_k|| + margin]_+`` with Euclidean distances to
         the (historical, by default) centroids.  ``negatives="all"`` searches every other class
         (the paper); ``"batch"`` only the other classes present in the batch (the released code).
-        Samples without any candidate negative contribute 0.
+        Samples without any candidate negative contribute 0.  This is
+        :func:`reid_kernels.losses.centroid_triplet` on the bank's table (note the defaults differ:
+        ``"all"`` here, the released code's ``"batch"`` there).
         """
         if negatives not in ("all", "batch"):
             raise ValueError(f"negatives: expected 'all' or 'batch', got {negatives!r}")
         table = self.table(bank, historical)
         if features.dim() != 2 or features.shape[1] != table.shape[1]:
             raise ValueError(f"features: expected shape (batch, {table.shape[1]}), got {tuple(features.shape)}")
-        centroids = table.to(features.dtype)
-        labels = labels.to(device=features.device, dtype=torch.int64)
-        with torch.no_grad():  # hardest negative by squared distance; its exact distance is recomputed below
-            f = features.detach()
-            sq = (f * f).sum(1, keepdim=True) - 2 * f @ centroids.t() + (centroids * centroids).sum(1)
-            sq.scatter_(1, labels.unsqueeze(1), float("inf"))
-            if negatives == "batch":
-                present = torch.zeros(centroids.shape[0], dtype=torch.bool, device=f.device)
-                present[labels] = True
-                sq[:, ~present] = float("inf")
-            hardest = sq.argmin(dim=1)
-            has_negative = torch.isfinite(sq.gather(1, hardest.unsqueeze(1))).squeeze(1)
-        d_pos = torch.linalg.vector_norm(features - centroids[labels], dim=1)
-        d_neg = torch.linalg.vector_norm(features - centroids[hardest], dim=1)
-        hinge = torch.clamp(d_pos - d_neg + margin, min=0) * has_negative.to(features.dtype)
-        return hinge.mean()
+        return _centroid_triplet(features, labels.to(features.device), table.to(features.dtype), margin=margin,
+                                 negatives=negatives)

@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from ddp_util import rank_env, run_ranks
 
 from training.config import ConfigError, load_config
 from training.data import Batch, channel_exchange
@@ -413,8 +414,7 @@ def test_train_then_evaluate_json_and_rerank(synth_root, tmp_path, capsys):
 
 
 def _ddp_worker(rank, world, port, root, out, queue):
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    os.environ.update(rank_env(rank, world, port))
     try:
         cfg = mce_config(root, out, **{"train.epochs": 2, "train.max_steps_per_epoch": 2})
         trainer = make_trainer(cfg)
@@ -423,34 +423,14 @@ def _ddp_worker(rank, world, port, root, out, queue):
         banks = {k: v.numpy().copy() for k, v in trainer.recipe.memory.state_dict().items()}
         weight = trainer.model.layer4[0].conv1.weight.detach().numpy().copy()
         trainer.close()
-        queue.put((rank, weight, banks))
+        queue.put((rank, (weight, banks)))
     except Exception as error:  # report, so the parent fails with the reason instead of hanging
-        queue.put((rank, repr(error), None))
+        queue.put((rank, repr(error)))
 
 
 @pytest.mark.slow
 def test_ddp_two_processes_keep_weights_and_banks_identical(synth_root, tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, synth_root, str(tmp_path / "ddp"), queue))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    results = {}
-    for _ in procs:
-        rank, weight, banks = queue.get(timeout=300)
-        assert not isinstance(weight, str), weight
-        results[rank] = (weight, banks)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = run_ranks(_ddp_worker, (synth_root, str(tmp_path / "ddp")))
     assert (results[0][0] == results[1][0]).all()
     for name, bank in results[0][1].items():  # updates gathered across ranks inside backward
         assert (bank == results[1][1][name]).all(), name

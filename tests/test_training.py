@@ -1,11 +1,10 @@
 """Training application: config validation, backbone, LbA recipe, engine (learning, resume, DDP)."""
 import os
-import socket
 import warnings
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from ddp_util import rank_env, run_ranks
 
 from training.config import ConfigError, load_config
 from training.data import Batch
@@ -204,15 +203,8 @@ def test_resume_equals_uninterrupted_training(synth_root, tmp_path):
     assert torch.equal(straight.recipe.generator.get_state(), second.recipe.generator.get_state())
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank, world, port, root, out, queue):
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    os.environ.update(rank_env(rank, world, port))
     try:
         cfg = tiny_config(root, out, **{"train.epochs": 1, "train.max_steps_per_epoch": 2})
         trainer = make_trainer(cfg)
@@ -220,28 +212,14 @@ def _ddp_worker(rank, world, port, root, out, queue):
         # numpy, pickled by value: a shared-memory tensor would vanish when this process exits
         weight = trainer.model.layer4[0].conv1.weight.detach().numpy().copy()
         trainer.close()
-        queue.put((rank, weight, len(trainer.loader)))
+        queue.put((rank, (weight, len(trainer.loader))))
     except Exception as error:  # report, so the parent fails with the reason instead of hanging
-        queue.put((rank, repr(error), None))
+        queue.put((rank, repr(error)))
 
 
 @pytest.mark.slow
 def test_ddp_two_processes_gloo(synth_root, tmp_path):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, synth_root, str(tmp_path / "ddp"), queue))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    results = {}
-    for _ in procs:
-        rank, weight, steps = queue.get(timeout=240)
-        assert not isinstance(weight, str), weight
-        results[rank] = (weight, steps)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = run_ranks(_ddp_worker, (synth_root, str(tmp_path / "ddp")), timeout=240)
     assert (results[0][0] == results[1][0]).all()  # DDP kept the replicas identical
     assert results[0][1] == results[1][1] > 0  # equal step counts per rank
     assert os.path.isfile(tmp_path / "ddp" / "final.pt")
