@@ -16,7 +16,8 @@ data loading), under two backends:
 Cases: ``synth`` -- the ``lba_synth`` / ``mce_synth`` configs as they are (CPU-sized networks,
 64x32 images); ``paper`` -- ``lba_sysu`` / ``mce_sysu``: ResNet-50 at width 64, LbA 288x144,
 MCE 384x128 (three modalities), 8 ids x 4 images per modality, 395 identities.  ``paper`` runs
-by default on CUDA only (on a CPU it takes minutes per case; ask for it with ``--cases all``).
+by default on CUDA only (on 2 CPU cores one step takes over a minute, a case 10-20 minutes; ask for
+it with ``--cases all`` or ``--cases paper``).
 
 Before timing, every case runs ONE step under each backend from the same initial state (model,
 optimiser, recipe state: pair generator, memory banks) and checks, untimed, that
