@@ -32,7 +32,8 @@ DEFAULTS: Dict[str, Any] = {
     "out": "runs/default",
     "data": {
         "dataset": "sysu", "root": None, "trial": 1, "height": 288, "width": 144,
-        "flip": 0.5, "pad": 10, "erasing": 0.0, "channel_aug": "none", "channel_prob": 0.5,
+        "flip": 0.5, "pad": 10, "pad_mode": "zero", "erasing": 0.0, "erasing_value": "zero",
+        "channel_aug": "none", "channel_prob": 0.5,
         "cache": False, "workers": 4,
         # synthetic data: generated into `root` when it does not exist yet
         "synth": {"ids": 150, "test_ids": 48, "seed": 0, "images_per_cam": 4, "jitter": 0.8,
@@ -43,7 +44,7 @@ DEFAULTS: Dict[str, Any] = {
     # Shared backbone options (ALGORITHMS.md §3.1, §5.1): 1-3 modality-specific stems, AGW
     # non-local blocks, GeM fixed or learnable; the BNNeck is always there.
     "model": {"depth": 50, "width": 64, "last_stride": 1, "stem_stride": 2, "maxpool": True, "stems": 2,
-              "non_local": False, "gem_p": 3.0, "gem_learnable": False, "pretrained": None},
+              "non_local": False, "mam": False, "gem_p": 3.0, "gem_learnable": False, "pretrained": None},
     "loss": {},  # the recipe's section
     "optim": {"name": "sgd", "lr_backbone": 0.01, "lr_head": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
               "nesterov": True, "warmup_epochs": 10, "milestones": [20, 50], "gamma": 0.1},
@@ -59,8 +60,9 @@ SPEC: Dict[str, Callable[[Any], Optional[str]]] = {
     "seed": v.integer(0), "recipe": v.choice(*RECIPES), "out": v.string(),
     "data.dataset": v.choice("sysu", "regdb", "synth"), "data.root": v.string(nullable=True),
     "data.trial": v.integer(1, 10), "data.height": v.integer(16), "data.width": v.integer(8),
-    "data.flip": v.number(0, 1), "data.pad": v.integer(0), "data.erasing": v.number(0, 1),
-    "data.channel_aug": v.choice("none", "grayscale", "exchange"), "data.channel_prob": v.number(0, 1),
+    "data.flip": v.number(0, 1), "data.pad": v.integer(0), "data.pad_mode": v.choice("zero", "symmetric"),
+    "data.erasing": v.number(0, 1), "data.erasing_value": v.choice("zero", "random"),
+    "data.channel_aug": v.choice("none", "grayscale", "exchange", "copy"), "data.channel_prob": v.number(0, 1),
     "data.cache": v.boolean, "data.workers": v.integer(0),
     "data.synth.ids": v.integer(4), "data.synth.test_ids": v.integer(2), "data.synth.seed": v.integer(0),
     "data.synth.images_per_cam": v.integer(1), "data.synth.jitter": v.number(0),
@@ -70,7 +72,7 @@ SPEC: Dict[str, Callable[[Any], Optional[str]]] = {
     "sampler.num_ids": v.integer(2), "sampler.num_pos": v.integer(1),
     "model.depth": v.choice(10, 18, 34, 50, 101), "model.width": v.integer(4), "model.last_stride": v.choice(1, 2),
     "model.stem_stride": v.choice(1, 2), "model.maxpool": v.boolean, "model.stems": v.choice(1, 2, 3),
-    "model.non_local": v.boolean, "model.gem_p": v.number(1.0), "model.gem_learnable": v.boolean,
+    "model.non_local": v.boolean, "model.mam": v.boolean, "model.gem_p": v.number(1.0), "model.gem_learnable": v.boolean,
     "model.pretrained": v.string(nullable=True),
     "optim.name": v.choice("sgd", "adam"),
     "optim.lr_backbone": v.number(0, lo_open=True), "optim.lr_head": v.number(0, lo_open=True),

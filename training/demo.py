@@ -52,8 +52,16 @@ MCE_ROWS = {  # MCE's Table 3 (3 input modalities unless "2 ch")
     "lw_2ch": ("L_W, 2 ch", {"loss.channels": 2, "loss.mi": False, "loss.gc": False}),
     "full_2ch": ("L_W + L_MI + L_GC, 2 ch", {"loss.channels": 2}),
 }
-ROWS_BY_RECIPE = {"lba": LBA_ROWS, "mce": MCE_ROWS}
-DEFAULT_ROWS_BY_RECIPE = {"lba": ("baseline", "ic", "ic_dt"), "mce": ("lw", "lw_mi", "full")}
+SAAI_ROWS = {  # SAAI's Tables 3-4 (every row is also evaluated with and without AIM)
+    "baseline": ("baseline (global feature, L_id)", {"loss.parts": False, "loss.pd": False, "loss.cs": False}),
+    "parts": ("+parts (SAFL)", {"loss.pd": False, "loss.cs": False}),
+    "parts_pd": ("+parts +L_pd", {"loss.cs": False}),
+    "parts_cs": ("+parts +L_cs", {"loss.pd": False}),
+    "all": ("+parts +L_pd +L_cs (full SAAI)", {}),
+}
+ROWS_BY_RECIPE = {"lba": LBA_ROWS, "mce": MCE_ROWS, "saai": SAAI_ROWS}
+DEFAULT_ROWS_BY_RECIPE = {"lba": ("baseline", "ic", "ic_dt"), "mce": ("lw", "lw_mi", "full"),
+                          "saai": ("baseline", "parts", "all")}
 ROWS = LBA_ROWS  # the LbA demo's rows (kept under their old name)
 DEFAULT_ROWS = DEFAULT_ROWS_BY_RECIPE["lba"]
 
@@ -114,6 +122,7 @@ def run_demo(out: str, rows=None, config: str = "lba_synth", overrides: Optional
             shares = [h["epoch_start_share"] for h in result["history"] if "epoch_start_share" in h]
             runs.append({"row": name, "key": key, "seed": seed, **summary, "seconds": seconds,
                          "final_loss": result["history"][-1].get("loss"),
+                         "eval_rows": result["eval"]["rows"],
                          # the epoch-start hook's share of each epoch (MCE's centroid refresh)
                          "epoch_start_share": float(np.mean(shares)) if shares else None})
             log(f"[seed {seed}] {name}: mAP {100 * summary['mAP']:.2f}  R1 {100 * summary['R1']:.2f}  "
@@ -196,7 +205,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--rows", default=None,
                         help=f"comma-separated rows: LbA among {', '.join(LBA_ROWS)} (default "
                              f"{','.join(DEFAULT_ROWS)}); MCE among {', '.join(MCE_ROWS)} (default "
-                             f"{','.join(DEFAULT_ROWS_BY_RECIPE['mce'])})")
+                             f"{','.join(DEFAULT_ROWS_BY_RECIPE['mce'])}); SAAI among {', '.join(SAAI_ROWS)}")
     parser.add_argument("--epochs", type=int, default=None, help="override train.epochs")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the config's)")
     parser.add_argument("--seeds", default=None,
@@ -206,7 +215,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("overrides", nargs="*", help="config overrides key=value for every row")
     args = parser.parse_args(argv)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None
-    known = {**LBA_ROWS, **MCE_ROWS}
+    known = {**LBA_ROWS, **MCE_ROWS, **SAAI_ROWS}
     unknown = [r for r in rows or () if r not in known]
     if unknown:
         parser.error(f"--rows: unknown {unknown}; expected among {list(known)}")

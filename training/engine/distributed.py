@@ -69,8 +69,10 @@ def gather_rows(rows: torch.Tensor, count: int, world_size: int) -> torch.Tensor
     return torch.cat(parts)[:count]
 
 
-def wrap(model: torch.nn.Module, world_size: int, device: torch.device, local_rank: int) -> torch.nn.Module:
+def wrap(model: torch.nn.Module, world_size: int, device: torch.device, local_rank: int,
+         find_unused_parameters: bool = False) -> torch.nn.Module:
     if world_size == 1:
         return model
     return torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[local_rank] if device.type == "cuda" else None)
+        model, device_ids=[local_rank] if device.type == "cuda" else None,
+        find_unused_parameters=find_unused_parameters)

@@ -9,6 +9,7 @@
 * ``layer1`` .. ``layer4`` shared, last stride 1 or 2;
 * optional AGW non-local blocks after the last 2 blocks of ``layer2`` and the last 3 of
   ``layer3`` (``non_local``; MCE, PECA);
+* optional MPANet/SAAI MAM blocks after ``layer3`` and ``layer4`` (``mam``; SAAI's SYSU config);
 * GeM pooling, fixed or learnable ``p`` (LbA: fixed 3; MCE: learnable from 3);
 * a BNNeck: ``BatchNorm1d`` with its bias frozen at 0, then an optional bias-free
   classifier (LbA's initialisation: BN weight ~ N(1, 0.01), classifier ~ N(0, 0.001)).
@@ -33,9 +34,11 @@ from torch import nn
 
 from .non_local import NonLocalBlock, non_local_positions
 from .resnet import DEPTHS, Stem, init_resnet, make_layer
+from .safl import MAM
 
 MODALITIES = ("visible", "infrared", "auxiliary")
-DESCRIPTORS = ("pooled", "bnneck")
+# "extras": the recipe's own descriptor (``model.extras.describe(layer4 map, modality)``, e.g. SAAI's)
+DESCRIPTORS = ("pooled", "bnneck", "extras")
 # AGW placement: non-local blocks after the last 2 blocks of layer2 and the last 3 of layer3.
 NON_LOCAL_LAYOUT = {2: 2, 3: 3}
 
@@ -89,14 +92,14 @@ class ModelOutput(NamedTuple):
 class ReIDBackbone(nn.Module):
     def __init__(self, num_classes: int, depth: int = 50, width: int = 64, last_stride: int = 1,
                  stem_stride: int = 2, maxpool: bool = True, gem_p: float = 3.0, gem_learnable: bool = False,
-                 stems: int = 2, non_local: bool = False, classifier: bool = True):
+                 stems: int = 2, non_local: bool = False, classifier: bool = True, mam: bool = False):
         super().__init__()
         if depth not in DEPTHS:
             raise ValueError(f"model.depth: expected one of {sorted(DEPTHS)}, got {depth}")
         if stems not in (1, 2, 3):
             raise ValueError(f"model.stems: expected 1, 2 or 3 modality-specific stems, got {stems}")
         block, counts = DEPTHS[depth]
-        self.depth, self.width, self.num_stems = depth, width, stems
+        self.depth, self.width, self.num_stems, self.num_classes = depth, width, stems, num_classes
         # Creation order fixes the random initialisation: stems, layers, init, pool, head, then
         # the optional non-local blocks -- so a 2-stem model without them is initialised exactly
         # as the original two-stream network (the LbA demo's numbers are unchanged).
@@ -120,6 +123,9 @@ class ReIDBackbone(nn.Module):
                 channels = planes[stage - 1] * block.expansion
                 setattr(self, f"nl{stage}", nn.ModuleList(NonLocalBlock(channels) for _ in positions))
                 self.non_local[stage] = positions
+        self.has_mam = bool(mam)
+        if mam:
+            self.mam3, self.mam4 = MAM(self.feat3_dim), MAM(self.feat_dim)
 
     # --- stems --------------------------------------------------------------------------------
     def stem_names(self) -> List[str]:
@@ -161,7 +167,10 @@ class ReIDBackbone(nn.Module):
 
     def shared(self, x: torch.Tensor):
         f3 = self._stage(3, self._stage(2, self._stage(1, x)))
-        return f3, self._stage(4, f3)
+        if self.has_mam:
+            f3 = self.mam3(f3)
+        f4 = self._stage(4, f3)
+        return f3, self.mam4(f4) if self.has_mam else f4
 
     def forward(self, images: Mapping[str, torch.Tensor]) -> ModelOutput:
         """Training forward of ``{modality: images}``: the rows of the outputs follow the
@@ -175,16 +184,35 @@ class ReIDBackbone(nn.Module):
         return ModelOutput(f3, f4, pooled, self.head.logits(bn), bn)
 
     def extract(self, x: torch.Tensor, modality: str, descriptor: str = "pooled") -> torch.Tensor:
-        """Test descriptor of a single-modality batch: ``"pooled"`` GeM(layer4) (LbA) or
-        ``"bnneck"`` the BNNeck output (MCE's released code)."""
+        """Test descriptor of a single-modality batch: ``"pooled"`` GeM(layer4) (LbA),
+        ``"bnneck"`` the BNNeck output (MCE's released code) or ``"extras"`` the recipe's
+        ``model.extras.describe(layer4 map, modality)`` (SAAI's dual-BNNeck descriptor)."""
         if descriptor not in DESCRIPTORS:
             raise ValueError(f"descriptor: expected one of {DESCRIPTORS}, got {descriptor!r}")
         _, f4 = self.shared(self.stem_for(modality)(x))
+        if descriptor == "extras":
+            return self.extras.describe(f4, modality)
         pooled = self.pool(f4)
         return pooled if descriptor == "pooled" else self.head.bn(pooled)
 
     def feature_maps(self, x: torch.Tensor, modality: str):
         return self.shared(self.stem_for(modality)(x))
+
+
+def feature_map_size(cfg: dict, height: int, width: int):
+    """(h, w) of the ``layer4`` map for an input of ``height`` x ``width`` (the ``model`` config):
+    every stride-2 convolution and the max-pool of a ResNet round up, ``ceil(n / 2)``."""
+    def down(n: int, stride: int) -> int:
+        return -(-n // stride)
+
+    sizes = []
+    for n in (height, width):
+        n = down(n, cfg["stem_stride"])
+        if cfg["maxpool"]:
+            n = down(n, 2)
+        n = down(down(n, 2), 2)  # layer2, layer3
+        sizes.append(down(n, cfg["last_stride"]))
+    return tuple(sizes)
 
 
 def build_model(cfg: dict, num_classes: int, classifier: bool = True, log=print) -> ReIDBackbone:
@@ -193,7 +221,7 @@ def build_model(cfg: dict, num_classes: int, classifier: bool = True, log=print)
     model = ReIDBackbone(num_classes, depth=m["depth"], width=m["width"], last_stride=m["last_stride"],
                          stem_stride=m["stem_stride"], maxpool=m["maxpool"], gem_p=m["gem_p"],
                          gem_learnable=m["gem_learnable"], stems=m.get("stems", 2),
-                         non_local=m.get("non_local", False), classifier=classifier)
+                         non_local=m.get("non_local", False), classifier=classifier, mam=m.get("mam", False))
     if m.get("pretrained"):
         load_pretrained(model, m["pretrained"], log)
     else:

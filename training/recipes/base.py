@@ -60,6 +60,8 @@ class Recipe:
     """Base class: override what the method needs; the defaults do nothing."""
 
     name: ClassVar[str] = ""
+    # DDP: True when some model parameters get no gradient in this method's steps.
+    find_unused_parameters: ClassVar[bool] = False
     DEFAULTS: ClassVar[Dict[str, Dict[str, Any]]] = {"loss": {}}
     LOSS_SPEC: ClassVar[Dict[str, Callable[[Any], Optional[str]]]] = {}
 
