@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from ddp_util import rank_env, run_ranks
 
 from training.config import ConfigError, load_config
 from training.data import Batch
@@ -274,3 +275,25 @@ def test_train_then_evaluate_json_with_and_without_aim(synth_root, tmp_path):
                               f"eval.rerank={rerank}"]) == 0
         rows = json.loads(path.read_text())["rows"]
         assert rows[0]["setting"] == first and 0 < rows[0]["mAP"] <= 100
+
+
+def _ddp_worker(rank, world, port, root, out, queue):
+    os.environ.update(rank_env(rank, world, port))
+    try:
+        trainer = make_trainer(saai_config(root, out, **{"train.epochs": 1, "train.max_steps_per_epoch": 2}))
+        trainer.fit()
+        # parameters and the EMA copies (BatchNorm running statistics are per rank until the next
+        # forward broadcasts rank 0's, as DDP does)
+        state = {k: v.numpy().copy() for k, v in trainer.model.state_dict().items()
+                 if k.startswith("extras.") and "running_" not in k and "num_batches" not in k}
+        trainer.close()
+        queue.put((rank, state))
+    except Exception as error:  # report, so the parent fails with the reason instead of hanging
+        queue.put((rank, repr(error)))
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_with_the_head_inside_forward(synth_root, tmp_path):
+    results = run_ranks(_ddp_worker, (synth_root, str(tmp_path / "ddp")))
+    for name, value in results[0].items():  # prototypes, classifiers and the EMA copies agree
+        assert (value == results[1][name]).all(), name

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Dict, List, Mapping, NamedTuple, Optional
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -86,13 +86,15 @@ class ModelOutput(NamedTuple):
     feat4: torch.Tensor  # layer4 map (B, C4, h, w): LbA conv5-3
     pooled: torch.Tensor  # GeM(feat4) (B, C4)
     logits: Optional[torch.Tensor]  # classifier(BN(pooled)), None without a classifier
-    bn: torch.Tensor  # BN(pooled): the BNNeck feature (B, C4)
+    bn: Optional[torch.Tensor]  # BN(pooled): the BNNeck feature (B, C4), None without the BNNeck
+    extras: Any = None  # model.extras(feat4, layout): a recipe's head, run inside forward (DDP sees it)
 
 
 class ReIDBackbone(nn.Module):
     def __init__(self, num_classes: int, depth: int = 50, width: int = 64, last_stride: int = 1,
                  stem_stride: int = 2, maxpool: bool = True, gem_p: float = 3.0, gem_learnable: bool = False,
-                 stems: int = 2, non_local: bool = False, classifier: bool = True, mam: bool = False):
+                 stems: int = 2, non_local: bool = False, classifier: bool = True, mam: bool = False,
+                 bnneck: bool = True):
         super().__init__()
         if depth not in DEPTHS:
             raise ValueError(f"model.depth: expected one of {sorted(DEPTHS)}, got {depth}")
@@ -115,7 +117,9 @@ class ReIDBackbone(nn.Module):
         self.feat_dim = inplanes
         init_resnet(self)
         self.pool = GeM(gem_p, gem_learnable)
-        self.head = BNNeckHead(self.feat_dim, num_classes, classifier)
+        # Without the BNNeck (a recipe with its own head, e.g. SAAI's dual BNNeck) every parameter
+        # still takes part in each step, as DDP requires.
+        self.head = BNNeckHead(self.feat_dim, num_classes, classifier) if bnneck else None
         self.non_local: Dict[int, List[int]] = {}
         if non_local:
             for stage, count in NON_LOCAL_LAYOUT.items():
@@ -180,8 +184,11 @@ class ReIDBackbone(nn.Module):
         x = torch.cat([self.stem_for(m)(x) for m, x in images.items()], 0)
         f3, f4 = self.shared(x)
         pooled = self.pool(f4)
-        bn = self.head.bn(pooled)
-        return ModelOutput(f3, f4, pooled, self.head.logits(bn), bn)
+        bn = self.head.bn(pooled) if self.head is not None else None
+        logits = self.head.logits(bn) if self.head is not None else None
+        extras = getattr(self, "extras", None)
+        layout = tuple((m, x.shape[0]) for m, x in images.items())
+        return ModelOutput(f3, f4, pooled, logits, bn, extras(f4, layout) if extras is not None else None)
 
     def extract(self, x: torch.Tensor, modality: str, descriptor: str = "pooled") -> torch.Tensor:
         """Test descriptor of a single-modality batch: ``"pooled"`` GeM(layer4) (LbA),
@@ -193,6 +200,8 @@ class ReIDBackbone(nn.Module):
         if descriptor == "extras":
             return self.extras.describe(f4, modality)
         pooled = self.pool(f4)
+        if descriptor == "bnneck" and self.head is None:
+            raise ValueError("descriptor: 'bnneck' needs the backbone's BNNeck, but this model was built without it")
         return pooled if descriptor == "pooled" else self.head.bn(pooled)
 
     def feature_maps(self, x: torch.Tensor, modality: str):
@@ -215,13 +224,14 @@ def feature_map_size(cfg: dict, height: int, width: int):
     return tuple(sizes)
 
 
-def build_model(cfg: dict, num_classes: int, classifier: bool = True, log=print) -> ReIDBackbone:
+def build_model(cfg: dict, num_classes: int, classifier: bool = True, log=print, bnneck: bool = True) -> ReIDBackbone:
     """The backbone of ``cfg`` (the ``model`` config section)."""
     m = cfg
     model = ReIDBackbone(num_classes, depth=m["depth"], width=m["width"], last_stride=m["last_stride"],
                          stem_stride=m["stem_stride"], maxpool=m["maxpool"], gem_p=m["gem_p"],
                          gem_learnable=m["gem_learnable"], stems=m.get("stems", 2),
-                         non_local=m.get("non_local", False), classifier=classifier, mam=m.get("mam", False))
+                         non_local=m.get("non_local", False), classifier=classifier, mam=m.get("mam", False),
+                         bnneck=bnneck)
     if m.get("pretrained"):
         load_pretrained(model, m["pretrained"], log)
     else:

@@ -21,7 +21,8 @@ def recipe_class(cfg: dict) -> Type[Recipe]:
 def build_model(cfg: dict, num_classes: int, log=print) -> ReIDBackbone:
     """The backbone of ``cfg["model"]`` with the recipe's classifier choice and extras."""
     recipe = recipe_class(cfg)
-    model = build_backbone(cfg["model"], num_classes, classifier=recipe.uses_classifier(cfg), log=log)
+    model = build_backbone(cfg["model"], num_classes, classifier=recipe.uses_classifier(cfg), log=log,
+                           bnneck=recipe.uses_bnneck(cfg))
     extras = recipe.build_extras(cfg, model)
     if extras is not None:
         model.extras = extras

@@ -62,6 +62,17 @@ class SAAIHead(nn.Module):
         parts, similarity = self.safl(fmap)
         return torch.cat([parts.flatten(1), pooled], 1), similarity
 
+    def forward(self, fmap: torch.Tensor, layout) -> Dict[str, torch.Tensor]:
+        """Training forward (inside the model's): descriptors, dual-BNNeck features and every
+        classifier's logits for a batch laid out as ``layout`` = ((modality, rows), ...)."""
+        infrared = torch.cat([torch.full((rows,), m == "infrared", dtype=torch.bool) for m, rows in layout])
+        infrared = infrared.to(fmap.device)
+        feats, similarity = self.descriptor(fmap)
+        bn = self.bnneck(feats, infrared)
+        return {"feats": feats, "similarity": similarity, "bn": bn, "infrared": infrared,
+                "logits": self.classifier(bn), "logits_v": self.visible_classifier(bn[~infrared]),
+                "logits_i": self.infrared_classifier(bn[infrared])}
+
     def describe(self, fmap: torch.Tensor, modality: str) -> torch.Tensor:
         """The test descriptor: the BNNeck branch of the images' modality."""
         feats, _ = self.descriptor(fmap)
@@ -81,9 +92,6 @@ def soft_cross_entropy(logits: torch.Tensor, target_logits: torch.Tensor) -> tor
 
 class SAAIRecipe(Recipe):
     name = "saai"
-    # The backbone's own BNNeck and pooling are not used (SAAI has its own head): under DDP
-    # their parameters get no gradient.
-    find_unused_parameters = True
     DEFAULTS = {
         "loss": {"parts": True, "num_parts": 7, "pd": True, "cs": True, "lambda_pd": 0.25, "lambda_cs": 1.0,
                  "rho1": 0.01, "rho2": 0.7, "ema_rate": 0.02},
@@ -106,6 +114,10 @@ class SAAIRecipe(Recipe):
         return False  # SAAI's classifiers live in its head
 
     @classmethod
+    def uses_bnneck(cls, cfg: dict) -> bool:
+        return False  # its own dual BNNeck replaces the backbone's
+
+    @classmethod
     def build_extras(cls, cfg: dict, backbone: nn.Module) -> nn.Module:
         d, c = cfg["data"], cfg["loss"]
         size = feature_map_size(cfg["model"], d["height"], d["width"])
@@ -124,20 +136,18 @@ class SAAIRecipe(Recipe):
     def losses(self, model, batch: Batch, out) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         c = self.loss_cfg
         head: SAAIHead = unwrap(model).extras
+        x = out.extras  # SAAIHead.forward, run inside the model's forward
         labels = batch.all_labels()
-        infrared = torch.cat([torch.full((batch.labels[m].shape[0],), m == "infrared", dtype=torch.bool)
-                              for m in batch.modalities]).to(labels.device)
-        feats, similarity = head.descriptor(out.feat4)
-        bn = head.bnneck(feats, infrared)
+        feats, similarity, bn, infrared = x["feats"], x["similarity"], x["bn"], x["infrared"]
         logs: Dict[str, torch.Tensor] = {}
-        ce = F.cross_entropy(head.classifier(bn).float(), labels)
+        ce = F.cross_entropy(x["logits"].float(), labels)
         vis, ir = ~infrared, infrared
-        logits_v = head.visible_classifier(bn[vis]).float()
-        logits_i = head.infrared_classifier(bn[ir]).float()
+        logits_v, logits_i = x["logits_v"].float(), x["logits_i"].float()
         ce_modal = F.cross_entropy(logits_v, labels[vis]) + F.cross_entropy(logits_i, labels[ir])
         head.update_ema(c["ema_rate"])
         with torch.no_grad():  # the opposite modality's EMA classifier on the same rows
-            targets = torch.cat([bn[vis] @ head.infrared_ema.t(), bn[ir] @ head.visible_ema.t()]).float()
+            targets = torch.cat([bn[vis] @ head.infrared_ema.t().to(bn.dtype),
+                                 bn[ir] @ head.visible_ema.t().to(bn.dtype)]).float()
         mutual = soft_cross_entropy(torch.cat([logits_v, logits_i]), targets)
         total = ce + ce_modal + mutual
         logs.update(ce=ce.detach(), ce_modal=ce_modal.detach(), mutual=mutual.detach())
