@@ -297,3 +297,25 @@ def test_ddp_two_processes_with_the_head_inside_forward(synth_root, tmp_path):
     results = run_ranks(_ddp_worker, (synth_root, str(tmp_path / "ddp")))
     for name, value in results[0].items():  # prototypes, classifiers and the EMA copies agree
         assert (value == results[1][name]).all(), name
+
+
+def test_mam_blocks_follow_layer3_and_layer4_and_match_their_equation():
+    from training.models import MAM, ReIDBackbone
+
+    torch.manual_seed(4)
+    model = ReIDBackbone(num_classes=3, depth=10, width=8, stems=1, mam=True, bnneck=False)
+    assert model.mam3.attention[0].in_channels == model.feat3_dim and model.mam4.attention[0].in_channels == model.feat_dim
+    plain = ReIDBackbone(num_classes=3, depth=10, width=8, stems=1, mam=False, bnneck=False)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("mam")})
+    model.eval(), plain.eval()
+    x = torch.randn(2, 3, H, W)
+    with torch.no_grad():
+        f3_plain = plain.layer3(plain.layer2(plain.layer1(plain.stem(x))))
+        f3, f4 = model.feature_maps(x, "visible")
+        assert torch.allclose(f3, model.mam3(f3_plain), atol=1e-6)
+        assert torch.allclose(f4, model.mam4(plain.layer4(f3)), atol=1e-6)
+        block = MAM(8, reduction=2)
+        y = torch.randn(2, 8, 3, 3)
+        m = torch.sigmoid(block.attention[2](torch.relu(block.attention[0](y.mean((2, 3), keepdim=True)))))
+        inorm = (y - y.mean((2, 3), keepdim=True)) / torch.sqrt(y.var((2, 3), unbiased=False, keepdim=True) + 1e-5)
+        assert torch.allclose(block(y), y * m + inorm * (1 - m), atol=1e-5)
