@@ -59,9 +59,17 @@ SAAI_ROWS = {  # SAAI's Tables 3-4 (every row is also evaluated with and without
     "parts_cs": ("+parts +L_cs", {"loss.pd": False}),
     "all": ("+parts +L_pd +L_cs (full SAAI)", {}),
 }
-ROWS_BY_RECIPE = {"lba": LBA_ROWS, "mce": MCE_ROWS, "saai": SAAI_ROWS}
+PEA_ROWS = {  # our design's three terms (PEA's paper has no ablation we could read)
+    "baseline": ("baseline (CE + triplet)", {"loss.intra": False, "loss.inter": False, "loss.cycle": False}),
+    "intra": ("+intra", {"loss.inter": False, "loss.cycle": False}),
+    "inter": ("+inter", {"loss.intra": False, "loss.cycle": False}),
+    "cycle": ("+cycle", {"loss.intra": False, "loss.inter": False}),
+    "intra_inter": ("+intra +inter", {"loss.cycle": False}),
+    "all": ("+intra +inter +cycle (full PEA design)", {}),
+}
+ROWS_BY_RECIPE = {"lba": LBA_ROWS, "mce": MCE_ROWS, "saai": SAAI_ROWS, "pea": PEA_ROWS}
 DEFAULT_ROWS_BY_RECIPE = {"lba": ("baseline", "ic", "ic_dt"), "mce": ("lw", "lw_mi", "full"),
-                          "saai": ("baseline", "parts", "all")}
+                          "saai": ("baseline", "parts", "all"), "pea": ("baseline", "all")}
 ROWS = LBA_ROWS  # the LbA demo's rows (kept under their old name)
 DEFAULT_ROWS = DEFAULT_ROWS_BY_RECIPE["lba"]
 
@@ -205,7 +213,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--rows", default=None,
                         help=f"comma-separated rows: LbA among {', '.join(LBA_ROWS)} (default "
                              f"{','.join(DEFAULT_ROWS)}); MCE among {', '.join(MCE_ROWS)} (default "
-                             f"{','.join(DEFAULT_ROWS_BY_RECIPE['mce'])}); SAAI among {', '.join(SAAI_ROWS)}")
+                             f"{','.join(DEFAULT_ROWS_BY_RECIPE['mce'])}); SAAI among {', '.join(SAAI_ROWS)}; PEA among {', '.join(PEA_ROWS)}")
     parser.add_argument("--epochs", type=int, default=None, help="override train.epochs")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the config's)")
     parser.add_argument("--seeds", default=None,
@@ -215,7 +223,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("overrides", nargs="*", help="config overrides key=value for every row")
     args = parser.parse_args(argv)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None
-    known = {**LBA_ROWS, **MCE_ROWS, **SAAI_ROWS}
+    known = {**LBA_ROWS, **MCE_ROWS, **SAAI_ROWS, **PEA_ROWS}
     unknown = [r for r in rows or () if r not in known]
     if unknown:
         parser.error(f"--rows: unknown {unknown}; expected among {list(known)}")

@@ -87,7 +87,7 @@ class ModelOutput(NamedTuple):
     pooled: torch.Tensor  # GeM(feat4) (B, C4)
     logits: Optional[torch.Tensor]  # classifier(BN(pooled)), None without a classifier
     bn: Optional[torch.Tensor]  # BN(pooled): the BNNeck feature (B, C4), None without the BNNeck
-    extras: Any = None  # model.extras(feat4, layout): a recipe's head, run inside forward (DDP sees it)
+    extras: Any = None  # model.extras(output, layout): a recipe's head, run inside forward (DDP sees it)
 
 
 class ReIDBackbone(nn.Module):
@@ -186,9 +186,12 @@ class ReIDBackbone(nn.Module):
         pooled = self.pool(f4)
         bn = self.head.bn(pooled) if self.head is not None else None
         logits = self.head.logits(bn) if self.head is not None else None
+        out = ModelOutput(f3, f4, pooled, logits, bn)
         extras = getattr(self, "extras", None)
+        if extras is None:
+            return out
         layout = tuple((m, x.shape[0]) for m, x in images.items())
-        return ModelOutput(f3, f4, pooled, logits, bn, extras(f4, layout) if extras is not None else None)
+        return out._replace(extras=extras(out, layout))
 
     def extract(self, x: torch.Tensor, modality: str, descriptor: str = "pooled") -> torch.Tensor:
         """Test descriptor of a single-modality batch: ``"pooled"`` GeM(layer4) (LbA),

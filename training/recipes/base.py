@@ -86,9 +86,9 @@ class Recipe:
     def build_extras(cls, cfg: dict, backbone: torch.nn.Module) -> Optional[torch.nn.Module]:
         """Trainable modules the method adds, attached as ``model.extras``; None: nothing.
 
-        ``extras(layer4 map, layout)`` -- ``layout`` the ``((modality, rows), ...)`` of the batch --
-        runs inside the model's forward (so DDP sees its parameters used) and its result is
-        ``ModelOutput.extras``; ``extras.describe(layer4 map, modality)`` gives the test
+        ``extras(output, layout)`` -- the backbone's :class:`ModelOutput` and the batch's
+        ``((modality, rows), ...)`` -- runs inside the model's forward (so DDP sees its parameters
+        used) and its result is ``ModelOutput.extras``; ``extras.describe(layer4 map, modality)`` gives the test
         descriptor when :meth:`test_descriptor` is ``"extras"``.
         """
         return None

@@ -62,9 +62,11 @@ class SAAIHead(nn.Module):
         parts, similarity = self.safl(fmap)
         return torch.cat([parts.flatten(1), pooled], 1), similarity
 
-    def forward(self, fmap: torch.Tensor, layout) -> Dict[str, torch.Tensor]:
+    def forward(self, out, layout) -> Dict[str, torch.Tensor]:
         """Training forward (inside the model's): descriptors, dual-BNNeck features and every
-        classifier's logits for a batch laid out as ``layout`` = ((modality, rows), ...)."""
+        classifier's logits of the ``layer4`` maps of a batch laid out as ``layout`` =
+        ((modality, rows), ...)."""
+        fmap = out.feat4
         infrared = torch.cat([torch.full((rows,), m == "infrared", dtype=torch.bool) for m, rows in layout])
         infrared = infrared.to(fmap.device)
         feats, similarity = self.descriptor(fmap)

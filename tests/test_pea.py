@@ -1,0 +1,169 @@
+"""PEA (our design from the abstract) on the recipe interface: each term against a transcription
+of the design, the switches, training, resume, DDP."""
+import os
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from ddp_util import rank_env, run_ranks
+
+from training.config import load_config
+from training.data import Batch
+from training.engine.loop import Trainer
+from training.evaluate import evaluate
+from training.recipes import PEARecipe, build_model
+from training.recipes.lba import batch_hard_triplet
+from training.synth import SynthConfig, generate
+
+H, W = 32, 16
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth_pea")
+    generate(str(root), SynthConfig(ids=30, test_ids=10, height=H, width=W, images_per_cam=3, seed=9,
+                                    occlusion=0.0, clutter=1, jitter=0.5, ir_material=0.2))
+    return str(root)
+
+
+def pea_config(root=None, out="runs/unused", **updates):
+    base = {"data.height": H, "data.width": W, "data.pad": 2, "data.workers": 0, "data.cache": True,
+            "sampler.num_ids": 4, "sampler.num_pos": 2, "model.width": 8, "train.epochs": 2, "train.device": "cpu",
+            "train.threads": 1, "train.progress": False, "train.tensorboard": False, "eval.trials": 2,
+            "eval.final": False, "optim.lr_backbone": 0.05, "optim.milestones": [], "out": out}
+    if root:
+        base["data.root"] = root
+    base.update(updates)
+    return load_config("pea_synth", updates=base)
+
+
+def make_trainer(cfg):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return Trainer(cfg, quiet=True)
+
+
+def _step(model, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.tensor([0, 0, 3, 3])
+    batch = Batch({m: torch.randn(4, 3, H, W, generator=gen) for m in ("visible", "infrared")},
+                  {m: labels for m in ("visible", "infrared")})
+    return batch, model(batch.images)
+
+
+def cycle_transcription(a, b, tau):
+    """Cycle-back classification, literally: a_k -> soft nearest b -> back to a; -mean log p(k)."""
+    loss = 0.0
+    for k in range(a.shape[0]):
+        alpha = torch.stack([F.cosine_similarity(a[k], b[j], dim=0) / tau for j in range(b.shape[0])]).softmax(0)
+        back = sum(alpha[j] * b[j] for j in range(b.shape[0]))
+        beta = torch.stack([F.cosine_similarity(back, a[l], dim=0) / tau for l in range(a.shape[0])]).softmax(0)
+        loss = loss - torch.log(beta[k])
+    return loss / a.shape[0]
+
+
+def test_every_term_matches_a_transcription_of_the_design():
+    torch.manual_seed(0)
+    cfg = pea_config()
+    model = build_model(cfg, 5, log=lambda *_: None)
+    with torch.no_grad():
+        model.extras.visible.normal_()
+        model.extras.infrared.normal_()
+    recipe = PEARecipe(cfg, 5)
+    batch, out = _step(model)
+    total, logs = recipe.losses(model, batch, out)
+    y = batch.all_labels()
+    f = F.normalize(out.bn.detach(), dim=1)
+    wv, wi = model.extras.visible.detach(), model.extras.infrared.detach()
+    tau = 0.1
+    intra, inter = 0.0, 0.0
+    for i in range(8):
+        own, other = (wv, wi) if i < 4 else (wi, wv)  # rows 0-3 visible, 4-7 infrared
+        s_own = torch.stack([F.cosine_similarity(f[i], own[k], dim=0) for k in range(5)]) / tau
+        s_other = torch.stack([F.cosine_similarity(f[i], other[k], dim=0) for k in range(5)]) / tau
+        intra = intra - s_own.log_softmax(0)[y[i]] / 8
+        inter = inter - s_other.log_softmax(0)[y[i]] / 8
+    cycle = cycle_transcription(wi, wv, tau) + cycle_transcription(wv, wi, tau)  # IR->RGB->IR, RGB->IR->RGB
+    ce = F.cross_entropy(out.logits.detach(), y)
+    tri = batch_hard_triplet(out.pooled.detach(), y, 0.3)
+    for name, value in (("intra", intra), ("inter", inter), ("cycle", cycle), ("ce", ce), ("tri", tri)):
+        assert float(logs[name]) == pytest.approx(float(value), rel=1e-5), name
+    assert float(total.detach()) == pytest.approx(float(ce + tri + intra + inter + cycle), rel=1e-5)
+
+
+def test_cycle_term_is_minimal_when_the_proxy_sets_are_equal():
+    torch.manual_seed(1)
+    w = torch.linalg.qr(torch.randn(16, 6))[0].t()  # 6 orthonormal proxies
+    equal = cycle_transcription(w, w, 0.01)
+    assert float(equal) < 1e-6
+    assert float(cycle_transcription(w, torch.randn(6, 16), 0.01)) > 0.1
+
+
+@pytest.mark.parametrize("intra, inter, cycle", [(False, False, False), (True, False, False), (False, True, False),
+                                                 (False, False, True), (True, True, True)])
+def test_every_switch_runs_and_backpropagates(intra, inter, cycle):
+    cfg = pea_config(**{"loss.intra": intra, "loss.inter": inter, "loss.cycle": cycle})
+    torch.manual_seed(0)
+    model = build_model(cfg, 5, log=lambda *_: None)
+    recipe = PEARecipe(cfg, 5)
+    batch, out = _step(model)
+    loss, logs = recipe.losses(model, batch, out)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert ("intra" in logs, "inter" in logs, "cycle" in logs) == (intra, inter, cycle)
+    has_proxies = intra or inter or cycle
+    assert (getattr(model, "extras", None) is not None) == has_proxies
+    if has_proxies:
+        assert model.extras.visible.grad is not None and model.extras.visible.grad.abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_pea_trains_with_falling_loss_and_beats_the_untrained_network(synth_root, tmp_path):
+    cfg = pea_config(synth_root, str(tmp_path / "run"), **{"train.epochs": 8, "optim.milestones": [6]})
+    trainer = make_trainer(cfg)
+    before = evaluate(trainer.model, synth_root, cfg)["summary"]["mAP"]
+    result = trainer.fit()
+    trainer.close()
+    losses = [h["loss"] for h in result["history"]]
+    after = evaluate(trainer.model, synth_root, cfg)["summary"]["mAP"]
+    print(f"PEA mAP untrained {before:.3f} -> trained {after:.3f}; loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    assert losses[-1] < 0.8 * losses[0]
+    assert after > before + 0.10, (before, after)
+
+
+@pytest.mark.slow
+def test_resume_is_bit_exact_with_the_proxies(synth_root, tmp_path):
+    updates = {"train.max_steps_per_epoch": 3, "train.epochs": 3}
+    straight = make_trainer(pea_config(synth_root, str(tmp_path / "a"), **updates))
+    straight.fit()
+    straight.close()
+    first = make_trainer(pea_config(synth_root, str(tmp_path / "b"), **{**updates, "train.epochs": 2}))
+    first.fit()
+    first.close()
+    torch.manual_seed(3)
+    second = make_trainer(pea_config(synth_root, str(tmp_path / "b"), **updates))
+    second.fit(resume=str(tmp_path / "b" / "last.pt"))
+    second.close()
+    a, b = straight.model.state_dict(), second.model.state_dict()
+    assert "extras.visible" in a
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def _ddp_worker(rank, world, port, root, out, queue):
+    os.environ.update(rank_env(rank, world, port))
+    try:
+        trainer = make_trainer(pea_config(root, out, **{"train.epochs": 1, "train.max_steps_per_epoch": 2}))
+        trainer.fit()
+        proxies = trainer.model.extras.infrared.detach().numpy().copy()
+        trainer.close()
+        queue.put((rank, proxies))
+    except Exception as error:  # report, so the parent fails with the reason instead of hanging
+        queue.put((rank, repr(error)))
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_keep_the_proxies_identical(synth_root, tmp_path):
+    results = run_ranks(_ddp_worker, (synth_root, str(tmp_path / "ddp")))
+    assert (results[0] == results[1]).all()
