@@ -9,42 +9,24 @@ import torch
 import torch.nn.functional as F
 from ddp_util import rank_env, run_ranks
 
+from train_helpers import H, W, assert_same_state, make_trainer, small_config, straight_and_resumed, tiny_synth
+
 from training.config import ConfigError, load_config
 from training.data import Batch, channel_exchange
-from training.engine.loop import Trainer
 from training.evaluate import evaluate
 from training.features import image_seed
 from training.models import ModelOutput, ReIDBackbone, load_pretrained
 from training.recipes import MCERecipe, build_model
-from training.synth import SynthConfig, generate
-
-H, W = 32, 16
 NUM_CLASSES, DIM, N = 6, 32, 4  # DIM = width 4 * 8 (BasicBlock, depth 10): model.width=4
 
 
 @pytest.fixture(scope="module")
 def synth_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth_mce")
-    generate(str(root), SynthConfig(ids=30, test_ids=10, height=H, width=W, images_per_cam=3, seed=5,
-                                    occlusion=0.0, clutter=1, jitter=0.5, ir_material=0.2))
-    return str(root)
+    return tiny_synth(tmp_path_factory, "synth_mce", seed=5)
 
 
 def mce_config(root=None, out="runs/unused", **updates):
-    base = {"data.height": H, "data.width": W, "data.pad": 2, "data.workers": 0, "data.cache": True,
-            "sampler.num_ids": 4, "sampler.num_pos": 2, "model.width": 8, "train.epochs": 2, "train.device": "cpu",
-            "train.threads": 1, "train.progress": False, "train.tensorboard": False, "eval.trials": 2,
-            "eval.final": False, "out": out}
-    if root:
-        base["data.root"] = root
-    base.update(updates)
-    return load_config("mce_synth", updates=base)
-
-
-def make_trainer(cfg):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return Trainer(cfg, quiet=True)
+    return small_config("mce_synth", root, out, **updates)
 
 
 # --- configs and the shared backbone options ----------------------------------------------------------
@@ -368,21 +350,10 @@ def test_mce_trains_with_falling_loss_and_beats_the_untrained_network(synth_root
 
 @pytest.mark.slow
 def test_resume_mid_run_is_bit_exact_with_banks_and_history(synth_root, tmp_path):
-    updates = {"train.max_steps_per_epoch": 3, "train.epochs": 3}
-    straight = make_trainer(mce_config(synth_root, str(tmp_path / "a"), **updates))
-    straight.fit()
-    straight.close()
-    first = make_trainer(mce_config(synth_root, str(tmp_path / "b"), **{**updates, "train.epochs": 2}))
-    first.fit()
-    first.close()
-    torch.manual_seed(999)  # resume must restore every RNG
-    second = make_trainer(mce_config(synth_root, str(tmp_path / "b"), **updates))
-    second.fit(resume=str(tmp_path / "b" / "last.pt"))
-    second.close()
-    for name, tensor in straight.model.state_dict().items():
-        assert torch.equal(tensor, second.model.state_dict()[name]), name
-    for name, tensor in straight.recipe.memory.state_dict().items():  # banks and historical copies
-        assert torch.equal(tensor, second.recipe.memory.state_dict()[name]), name
+    straight, second = straight_and_resumed(lambda out, **u: mce_config(synth_root, out, **u), tmp_path)
+    assert_same_state(straight.model.state_dict(), second.model.state_dict())
+    # banks and historical copies
+    assert_same_state(straight.recipe.memory.state_dict(), second.recipe.memory.state_dict())
     drop = ("seconds", "images_per_s", "refresh_seconds", "epoch_start_share")
     clean = lambda h: [{k: v for k, v in e.items() if k not in drop} for e in h]  # noqa: E731
     assert clean(straight.history) == clean(second.history)

@@ -1,47 +1,27 @@
 """PEA (our design from the abstract) on the recipe interface: each term against a transcription
 of the design, the switches, training, resume, DDP."""
 import os
-import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 from ddp_util import rank_env, run_ranks
 
-from training.config import load_config
+from train_helpers import H, W, assert_same_state, make_trainer, small_config, straight_and_resumed, tiny_synth
+
 from training.data import Batch
-from training.engine.loop import Trainer
 from training.evaluate import evaluate
 from training.recipes import PEARecipe, build_model
 from training.recipes.lba import batch_hard_triplet
-from training.synth import SynthConfig, generate
-
-H, W = 32, 16
 
 
 @pytest.fixture(scope="module")
 def synth_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth_pea")
-    generate(str(root), SynthConfig(ids=30, test_ids=10, height=H, width=W, images_per_cam=3, seed=9,
-                                    occlusion=0.0, clutter=1, jitter=0.5, ir_material=0.2))
-    return str(root)
+    return tiny_synth(tmp_path_factory, "synth_pea", seed=9)
 
 
 def pea_config(root=None, out="runs/unused", **updates):
-    base = {"data.height": H, "data.width": W, "data.pad": 2, "data.workers": 0, "data.cache": True,
-            "sampler.num_ids": 4, "sampler.num_pos": 2, "model.width": 8, "train.epochs": 2, "train.device": "cpu",
-            "train.threads": 1, "train.progress": False, "train.tensorboard": False, "eval.trials": 2,
-            "eval.final": False, "optim.lr_backbone": 0.05, "optim.milestones": [], "out": out}
-    if root:
-        base["data.root"] = root
-    base.update(updates)
-    return load_config("pea_synth", updates=base)
-
-
-def make_trainer(cfg):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return Trainer(cfg, quiet=True)
+    return small_config("pea_synth", root, out, **{"optim.lr_backbone": 0.05, "optim.milestones": [], **updates})
 
 
 def _step(model, seed=0):
@@ -134,21 +114,9 @@ def test_pea_trains_with_falling_loss_and_beats_the_untrained_network(synth_root
 
 @pytest.mark.slow
 def test_resume_is_bit_exact_with_the_proxies(synth_root, tmp_path):
-    updates = {"train.max_steps_per_epoch": 3, "train.epochs": 3}
-    straight = make_trainer(pea_config(synth_root, str(tmp_path / "a"), **updates))
-    straight.fit()
-    straight.close()
-    first = make_trainer(pea_config(synth_root, str(tmp_path / "b"), **{**updates, "train.epochs": 2}))
-    first.fit()
-    first.close()
-    torch.manual_seed(3)
-    second = make_trainer(pea_config(synth_root, str(tmp_path / "b"), **updates))
-    second.fit(resume=str(tmp_path / "b" / "last.pt"))
-    second.close()
-    a, b = straight.model.state_dict(), second.model.state_dict()
-    assert "extras.visible" in a
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    straight, second = straight_and_resumed(lambda out, **u: pea_config(synth_root, out, **u), tmp_path)
+    assert "extras.visible" in straight.model.state_dict()
+    assert_same_state(straight.model.state_dict(), second.model.state_dict())
 
 
 def _ddp_worker(rank, world, port, root, out, queue):

@@ -9,41 +9,23 @@ import torch
 import torch.nn.functional as F
 from ddp_util import rank_env, run_ranks
 
+from train_helpers import H, W, assert_same_state, make_trainer, small_config, straight_and_resumed, tiny_synth
+
 from training.config import ConfigError, load_config
 from training.data import Batch
 from training.data.transforms import TrainTransform
-from training.engine.loop import Trainer
 from training.evaluate import FeatureExtractor, evaluate
-from training.models import SAFL, DualBNNeck, ModelOutput, feature_map_size
+from training.models import SAFL, DualBNNeck, feature_map_size
 from training.recipes import SAAIRecipe, build_model
-from training.synth import SynthConfig, generate
-
-H, W = 32, 16
 
 
 @pytest.fixture(scope="module")
 def synth_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth_saai")
-    generate(str(root), SynthConfig(ids=30, test_ids=10, height=H, width=W, images_per_cam=3, seed=7,
-                                    occlusion=0.0, clutter=1, jitter=0.5, ir_material=0.2))
-    return str(root)
+    return tiny_synth(tmp_path_factory, "synth_saai", seed=7)
 
 
 def saai_config(root=None, out="runs/unused", **updates):
-    base = {"data.height": H, "data.width": W, "data.pad": 2, "data.workers": 0, "data.cache": True,
-            "sampler.num_ids": 4, "sampler.num_pos": 2, "model.width": 8, "train.epochs": 2, "train.device": "cpu",
-            "train.threads": 1, "train.progress": False, "train.tensorboard": False, "eval.trials": 2,
-            "eval.final": False, "out": out}
-    if root:
-        base["data.root"] = root
-    base.update(updates)
-    return load_config("saai_synth", updates=base)
-
-
-def make_trainer(cfg):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return Trainer(cfg, quiet=True)
+    return small_config("saai_synth", root, out, **updates)
 
 
 # --- SAFL and the dual BNNeck ---------------------------------------------------------------------------
@@ -240,21 +222,10 @@ def test_saai_trains_with_falling_loss_and_beats_the_untrained_network(synth_roo
 
 @pytest.mark.slow
 def test_resume_is_bit_exact_with_the_ema_classifiers(synth_root, tmp_path):
-    updates = {"train.max_steps_per_epoch": 3, "train.epochs": 3, "data.erasing": 0.5, "data.erasing_value": "random"}
-    straight = make_trainer(saai_config(synth_root, str(tmp_path / "a"), **updates))
-    straight.fit()
-    straight.close()
-    first = make_trainer(saai_config(synth_root, str(tmp_path / "b"), **{**updates, "train.epochs": 2}))
-    first.fit()
-    first.close()
-    torch.manual_seed(5)
-    second = make_trainer(saai_config(synth_root, str(tmp_path / "b"), **updates))
-    second.fit(resume=str(tmp_path / "b" / "last.pt"))
-    second.close()
-    a, b = straight.model.state_dict(), second.model.state_dict()
-    assert "extras.visible_ema" in a
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    straight, second = straight_and_resumed(lambda out, **u: saai_config(synth_root, out, **u), tmp_path,
+                                            **{"data.erasing": 0.5, "data.erasing_value": "random"})
+    assert "extras.visible_ema" in straight.model.state_dict()
+    assert_same_state(straight.model.state_dict(), second.model.state_dict())
 
 
 @pytest.mark.slow

@@ -122,8 +122,8 @@ def _set(cfg: Dict[str, Any], dotted: str, value: Any) -> None:
     if isinstance(node[parts[-1]], dict):
         if not isinstance(value, dict):
             raise ConfigError(f"{dotted}: expected a mapping (a config section), got {value!r}")
-        for k, v in value.items():
-            _set(cfg, f"{dotted}.{k}", v)
+        for k, item in value.items():
+            _set(cfg, f"{dotted}.{k}", item)
         return
     node[parts[-1]] = value
 

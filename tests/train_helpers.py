@@ -1,0 +1,59 @@
+"""Shared pieces of the recipe tests: a tiny synthetic set, small configs, trainers, resume runs."""
+import warnings
+
+import torch
+
+from training.config import load_config
+from training.engine.loop import Trainer
+from training.synth import SynthConfig, generate
+
+H, W = 32, 16
+
+
+def tiny_synth(tmp_path_factory, name: str, seed: int) -> str:
+    """30 identities (10 held out) of 32x16 images: seconds to generate, enough to learn on."""
+    root = tmp_path_factory.mktemp(name)
+    generate(str(root), SynthConfig(ids=30, test_ids=10, height=H, width=W, images_per_cam=3, seed=seed,
+                                    occlusion=0.0, clutter=1, jitter=0.5, ir_material=0.2))
+    return str(root)
+
+
+def small_config(name: str, root=None, out="runs/unused", **updates):
+    """``name`` (a built-in config) shrunk to a CPU test: 32x16 images, width 8, 4 ids x 2, 2 epochs."""
+    base = {"data.height": H, "data.width": W, "data.pad": 2, "data.workers": 0, "data.cache": True,
+            "sampler.num_ids": 4, "sampler.num_pos": 2, "model.width": 8, "train.epochs": 2, "train.device": "cpu",
+            "train.threads": 1, "train.progress": False, "train.tensorboard": False, "eval.trials": 2,
+            "eval.final": False, "out": out}
+    if root:
+        base["data.root"] = root
+    base.update(updates)
+    return load_config(name, updates=base)
+
+
+def make_trainer(cfg):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return Trainer(cfg, quiet=True)
+
+
+def straight_and_resumed(config, tmp_path, epochs: int = 3, **updates):
+    """Train ``epochs`` straight, and ``epochs - 1`` then ``--resume`` for the last one from another
+    global RNG state; returns both finished trainers. ``config(out, **updates)`` builds a config."""
+    updates = {"train.max_steps_per_epoch": 3, "train.epochs": epochs, **updates}
+    straight = make_trainer(config(str(tmp_path / "a"), **updates))
+    straight.fit()
+    straight.close()
+    first = make_trainer(config(str(tmp_path / "b"), **{**updates, "train.epochs": epochs - 1}))
+    first.fit()
+    first.close()
+    torch.manual_seed(12345)  # resume must restore every RNG
+    resumed = make_trainer(config(str(tmp_path / "b"), **updates))
+    resumed.fit(resume=str(tmp_path / "b" / "last.pt"))
+    resumed.close()
+    return straight, resumed
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
