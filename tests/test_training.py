@@ -119,7 +119,7 @@ def test_pretrained_torchvision_state_dict_loads_into_both_stems(tmp_path):
     assert torch.equal(t["infrared_stem.conv1.weight"], state["conv1.weight"])
     assert torch.equal(t["visible_stem.bn1.running_var"], state["bn1.running_var"])
     assert torch.equal(t["layer4.1.conv2.weight"], state["layer4.1.conv2.weight"])
-    with pytest.warns(UserWarning, match="not found"):
+    with pytest.raises(FileNotFoundError, match="absent.pth"):
         load_pretrained(target, str(tmp_path / "absent.pth"))
     with pytest.raises(ValueError, match="shape"):
         load_pretrained(ReIDBackbone(num_classes=5, depth=18, width=16), str(tmp_path / "resnet.pth"))
@@ -232,7 +232,7 @@ def test_train_and_evaluate_clis(synth_root, tmp_path, capsys):
     from training.train import main as train_main
 
     out = str(tmp_path / "cli")
-    args = ["--config", "lba_synth", "--data-root", synth_root, "--out", out, "--pretrained", str(tmp_path / "no.pth"),
+    args = ["--config", "lba_synth", "--data-root", synth_root, "--out", out,
             "data.height=32", "data.width=16", "data.pad=2", "model.width=8", "train.epochs=1",
             "train.max_steps_per_epoch=2", "train.progress=false", "eval.trials=1"]
     with warnings.catch_warnings():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from typing import Any, Callable, Dict, Optional, Sequence
 
 import yaml
@@ -153,6 +154,23 @@ def validate(cfg: Dict[str, Any]) -> Dict[str, Any]:
     return cfg
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 floats: ``1e-3`` and ``5E4`` are numbers, not strings
+    (YAML 1.1, which PyYAML follows, needs a dot in the mantissa)."""
+
+
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)|[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+               r"|[-+]?[0-9][0-9_]*\.[0-9_]*|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
 def resolve_path(name_or_path: str) -> str:
     """A bare name (``lba_sysu``) means ``training/configs/<name>.yaml``."""
     if os.path.isfile(name_or_path):
@@ -170,7 +188,7 @@ def parse_override(text: str):
         raise ConfigError(f"override {text!r}: expected key=value (e.g. train.epochs=5)")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as error:
         raise ConfigError(f"{key}: cannot parse value {raw!r} ({error})")
     return key.strip(), value
@@ -201,7 +219,13 @@ def load_config(name_or_path: Optional[str] = None, overrides: Sequence[str] = (
     if name_or_path:
         path = resolve_path(name_or_path)
         with open(path, "rt") as handle:
-            data = yaml.safe_load(handle) or {}
+            text = handle.read()
+        try:
+            data = load_yaml(text) or {}
+        except yaml.YAMLError as error:
+            where = getattr(error, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+            raise ConfigError(f"config {path}: not valid YAML{at} ({getattr(error, 'problem', None) or error})")
         if not isinstance(data, dict):
             raise ConfigError(f"config {path}: expected a mapping at the top level")
     parsed = [parse_override(text) for text in overrides]

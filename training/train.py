@@ -5,7 +5,9 @@
     torchrun --nproc_per_node 4 -m training.train --config lba_sysu --data-root ...   # DDP
 
 ``--config`` takes a YAML file or the name of a built-in config (``training/configs/<name>.yaml``);
-``key=value`` overrides any config key (``train.epochs=5 loss.sites=[5]``).
+``key=value`` overrides any config key (``train.epochs=5 loss.sites=[5]``), anywhere on the
+command line. A folder that already holds a run (``final.pt`` or ``last.pt``) is not reused
+without ``--resume`` (continue it) or ``--overwrite`` (replace it).
 """
 from __future__ import annotations
 
@@ -20,14 +22,28 @@ from .config import ConfigError, load_config
 def parse_args(argv: Optional[List[str]] = None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--config", required=True, help="YAML file or built-in config name (lba_synth, lba_sysu, lba_regdb, mce_synth, mce_sysu, mce_regdb)")
+    parser.add_argument("--config", required=True,
+                        help="YAML file or built-in config name: lba_*, mce_*, saai_*, pea_* with * synth, sysu, regdb")
     parser.add_argument("--data-root", default=None, help="dataset folder (overrides data.root)")
     parser.add_argument("--out", default=None, help="output folder for log, checkpoints, history (overrides out)")
     parser.add_argument("--pretrained", default=None, help="torchvision-format ImageNet ResNet state_dict file")
     parser.add_argument("--resume", nargs="?", const="auto", default=None,
                         help="continue from a checkpoint (default: <out>/last.pt)")
-    parser.add_argument("overrides", nargs="*", help="config overrides key=value")
-    return parser.parse_args(argv)
+    parser.add_argument("--overwrite", action="store_true", help="replace the run already in the output folder")
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value (anywhere on the command line)")
+    args = parser.parse_intermixed_args(argv)
+    # `--resume key=value`: argparse took the override for a checkpoint path
+    if args.resume not in (None, "auto") and "=" in args.resume and not os.path.isfile(args.resume):
+        args.overrides.append(args.resume)
+        args.resume = "auto"
+    return args
+
+
+def _existing_run(out: str) -> Optional[str]:
+    for name in ("final.pt", "last.pt"):
+        if os.path.isfile(os.path.join(out, name)):
+            return name
+    return None
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -44,15 +60,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
+    from .data import DatasetError
     from .engine.loop import Trainer
 
+    pretrained = cfg["model"]["pretrained"]
+    if pretrained and not os.path.isfile(pretrained):
+        print(f"--pretrained: file not found: {pretrained} (nothing is ever downloaded)", file=sys.stderr)
+        return 2
     resume = None
     if args.resume:
         resume = os.path.join(cfg["out"], "last.pt") if args.resume == "auto" else args.resume
         if not os.path.isfile(resume):
             print(f"--resume: checkpoint not found: {resume}", file=sys.stderr)
             return 2
-    trainer = Trainer(cfg)
+    elif not args.overwrite and _existing_run(cfg["out"]):
+        print(f"--out: {cfg['out']} already holds a run ({_existing_run(cfg['out'])}); pass --resume to continue "
+              "it, --overwrite to replace it, or choose another --out", file=sys.stderr)
+        return 2
+    try:
+        trainer = Trainer(cfg)
+    except (DatasetError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     try:
         result = trainer.fit(resume=resume)
     finally:

@@ -22,8 +22,8 @@ def integer(lo=None, hi=None, nullable=False):
 
 def number(lo=None, hi=None, lo_open=False):
     def check(v):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
-            return "a number"
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
+            return "a finite number"
         if lo is not None and (v < lo or (lo_open and v == lo)):
             return f"a number {'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "")
         if hi is not None and v > hi:

@@ -24,8 +24,13 @@ def resolve_data_root(cfg: dict, generate: bool = True, log=print) -> str:
         digest = hashlib.sha1(json.dumps(s, sort_keys=True).encode()).hexdigest()[:8]
         root = os.path.join("runs", "data", f"synth_{data['height']}x{data['width']}_{digest}")
     if generate and not os.path.isfile(os.path.join(root, "exp", "test_id.txt")):
+        from .common import DatasetError
         from ..synth import SynthConfig, generate as synth_generate
 
+        if os.path.exists(root) and (not os.path.isdir(root) or os.listdir(root)):
+            # Never write generated images into a folder the user made: only into a new or empty one.
+            raise DatasetError(f"data.root: {root} exists, is not empty and holds no synthetic dataset "
+                               "(no exp/test_id.txt); name a new or empty folder for the synthetic data")
         s = data["synth"]
         sc = SynthConfig(ids=s["ids"], test_ids=s["test_ids"], seed=s["seed"], height=data["height"],
                          width=data["width"], images_per_cam=s["images_per_cam"], jitter=s["jitter"],

@@ -198,6 +198,7 @@ class Trainer:
             self.load(resume)
         if self.rank == 0 and self.out:
             os.makedirs(self.out, exist_ok=True)
+            self._remove_stale_temporaries()
             with open(os.path.join(self.out, "config.yaml"), "wt") as handle:
                 handle.write(dump(self.cfg))
         last_eval = None
@@ -228,6 +229,13 @@ class Trainer:
         self.tb.close()
         self._barrier()
         return {"eval": last_eval, "history": self.history, "checkpoint": path}
+
+    def _remove_stale_temporaries(self) -> None:
+        """Temporary checkpoint files a killed save left behind (``*.pt.tmp.<pid>``)."""
+        for name in os.listdir(self.out):
+            if ".pt.tmp." in name:
+                os.remove(os.path.join(self.out, name))
+                self.log.info(f"removed {name}, left by an interrupted checkpoint save")
 
     def _log_eval(self, result: Dict[str, object]) -> None:
         self.log.info(result["table"])

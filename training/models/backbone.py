@@ -247,14 +247,11 @@ def load_pretrained(model: ReIDBackbone, path: str, log=print) -> Dict[str, int]
     """Load a torchvision-format ResNet state_dict into every stem and the shared layers.
 
     Non-local blocks, the pooling and the BNNeck are not in a torchvision ResNet and keep
-    their initialisation. A missing file warns and leaves the model at its random
-    initialisation; a file of a different architecture raises naming the first
+    their initialisation. A missing file raises :class:`FileNotFoundError` naming it; a file of a different architecture raises naming the first
     mismatching tensor.
     """
     if not os.path.isfile(path):
-        warnings.warn(f"model.pretrained: {path} not found; training from scratch (nothing is downloaded)",
-                      stacklevel=2)
-        return {"loaded": 0}
+        raise FileNotFoundError(f"model.pretrained: file not found: {path} (nothing is ever downloaded)")
     state = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):

@@ -1,0 +1,92 @@
+"""The training CLI never writes over a user's files and refuses bad input in one line (part of the
+application-safety work: data roots, finished runs, --pretrained, overrides, numbers, stale temporaries)."""
+import hashlib
+import os
+import warnings
+
+import pytest
+from train_helpers import tiny_synth
+
+from training.config import ConfigError, load_config
+from training.train import main as train_main
+
+SMALL = ["data.height=32", "data.width=16", "data.pad=2", "model.width=8", "train.epochs=1",
+         "train.max_steps_per_epoch=1", "train.progress=false", "eval.final=false", "train.tensorboard=false"]
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+    return tiny_synth(tmp_path_factory, "synth_cli", seed=3)
+
+
+def digest(folder) -> dict:
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            out[os.path.relpath(path, folder)] = hashlib.sha1(open(path, "rb").read()).hexdigest()
+    return out
+
+
+def run(args, capsys):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = train_main(args)
+    return code, capsys.readouterr().err.strip()
+
+
+def test_synthetic_data_is_never_generated_into_a_users_folder(tmp_path, capsys):
+    user = tmp_path / "mine"
+    (user / "cam1" / "0001").mkdir(parents=True)
+    (user / "cam1" / "0001" / "0001.jpg").write_bytes(b"my photo")
+    (user / "exp").mkdir()
+    (user / "exp" / "train_id.txt").write_text("my ids\n")
+    before = digest(user)
+    code, err = run(["--config", "lba_synth", "--data-root", str(user), "--out", str(tmp_path / "o"), *SMALL], capsys)
+    assert code == 2 and "data.root" in err and str(user) in err and len(err.splitlines()) == 1
+    assert digest(user) == before
+
+
+def test_missing_pretrained_file_is_an_error_naming_it(tmp_path, synth_root, capsys):
+    missing = str(tmp_path / "nope" / "resnet50.pth")
+    code, err = run(["--config", "lba_synth", "--data-root", synth_root, "--out", str(tmp_path / "o"),
+                     "--pretrained", missing, *SMALL], capsys)
+    assert code == 2 and missing in err and len(err.splitlines()) == 1
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_a_finished_run_is_not_replaced_without_resume_or_overwrite(tmp_path, synth_root, capsys):
+    out = str(tmp_path / "run")
+    args = ["--config", "lba_synth", "--data-root", synth_root, "--out", out, *SMALL]
+    assert run(args, capsys)[0] == 0
+    before = digest(out)
+    code, err = run(args, capsys)
+    assert code == 2 and "--resume" in err and "--overwrite" in err and out in err
+    assert digest(out) == before
+    open(os.path.join(out, "last.pt.tmp.999999"), "wb").write(b"half a checkpoint")
+    assert run(args + ["--overwrite"], capsys)[0] == 0
+    assert not any(".tmp." in name for name in os.listdir(out))  # the stale temporary is cleaned
+
+
+def test_overrides_anywhere_and_after_resume(tmp_path, synth_root, capsys):
+    out = str(tmp_path / "run")
+    assert run(["--config", "lba_synth", "--out", out, "loss.dt=false", "--data-root", synth_root, *SMALL],
+               capsys)[0] == 0
+    # `--resume train.epochs=2`: the override is an override, the checkpoint the default one
+    assert run(["--config", "lba_synth", "--data-root", synth_root, "--out", out, *SMALL, "loss.dt=false",
+                "--resume", "train.epochs=2"], capsys)[0] == 0
+    assert "resumed from" in open(os.path.join(out, "train.log")).read()
+
+
+def test_yaml_12_numbers_and_finite_values(tmp_path):
+    assert load_config("lba_synth", ["optim.lr_backbone=1e-3"])["optim"]["lr_backbone"] == 0.001
+    config = tmp_path / "c.yaml"
+    config.write_text("recipe: lba\noptim: {lr_head: 5E-2}\n")
+    assert load_config(str(config))["optim"]["lr_head"] == 0.05
+    for bad in (".inf", "-.inf", ".nan"):
+        with pytest.raises(ConfigError, match="optim.lr_backbone.*finite"):
+            load_config("lba_synth", [f"optim.lr_backbone={bad}"])
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("optim: {lr_head: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml: not valid YAML at line \d+"):
+        load_config(str(broken))
