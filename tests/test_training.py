@@ -225,6 +225,37 @@ def test_ddp_two_processes_gloo(synth_root, tmp_path):
     assert os.path.isfile(tmp_path / "ddp" / "final.pt")
 
 
+def _ddp_resume_worker(rank, world, port, root, out, epochs, resume, queue):
+    os.environ.update(rank_env(rank, world, port))
+    try:
+        cfg = tiny_config(root, out, **{"train.epochs": epochs, "train.max_steps_per_epoch": 2, "data.erasing": 0.5,
+                                        "data.channel_aug": "exchange"})
+        trainer = make_trainer(cfg)
+        if resume:
+            torch.manual_seed(777 + rank)  # resume must restore each rank's own RNG
+        trainer.fit(resume=os.path.join(out, "last.pt") if resume else None)
+        state = {k: v.numpy().copy() for k, v in trainer.model.state_dict().items()}
+        generator = trainer.recipe.generator.get_state().numpy().copy()
+        trainer.close()
+        queue.put((rank, (state, generator)))
+    except Exception as error:  # report, so the parent fails with the reason instead of hanging
+        queue.put((rank, repr(error)))
+
+
+@pytest.mark.slow
+def test_ddp_resume_is_bit_exact_on_every_rank(synth_root, tmp_path):
+    straight = run_ranks(_ddp_resume_worker, (synth_root, str(tmp_path / "a"), 3, False))
+    run_ranks(_ddp_resume_worker, (synth_root, str(tmp_path / "b"), 2, False))
+    resumed = run_ranks(_ddp_resume_worker, (synth_root, str(tmp_path / "b"), 3, True))
+    for rank in (0, 1):
+        a, b = straight[rank], resumed[rank]
+        assert a[0].keys() == b[0].keys()
+        for name in a[0]:
+            assert (a[0][name] == b[0][name]).all(), (rank, name)
+        assert (a[1] == b[1]).all(), rank  # each rank's own pair-drawing generator
+    assert not (straight[0][1] == straight[1][1]).all()  # the ranks' generators do differ
+
+
 # --- CLIs and the RegDB evaluation path ---------------------------------------------------------------
 @pytest.mark.slow
 def test_train_and_evaluate_clis(synth_root, tmp_path, capsys):

@@ -69,6 +69,15 @@ def gather_rows(rows: torch.Tensor, count: int, world_size: int) -> torch.Tensor
     return torch.cat(parts)[:count]
 
 
+def gather_objects(obj, world_size: int) -> list:
+    """``[rank 0's obj, rank 1's, ...]`` on every rank (``[obj]`` without DDP)."""
+    if world_size == 1 or not dist.is_initialized():
+        return [obj]
+    out = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def wrap(model: torch.nn.Module, world_size: int, device: torch.device, local_rank: int,
          find_unused_parameters: bool = False) -> torch.nn.Module:
     if world_size == 1:

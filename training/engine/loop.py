@@ -107,18 +107,23 @@ class Trainer:
 
     # --- checkpoints -------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """The checkpoint. Under DDP a collective: every rank's RNG and recipe state (each rank
+        seeds its own) are gathered into ``ranks``, so a resume restores each rank's own."""
+        mine = {"rng": rng_state(), "recipe": self.recipe.state_dict()}
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "schedule": self.schedule.state_dict(), "sampler": self.sampler.state_dict(),
-                "recipe": self.recipe.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng_state(),
+                "recipe": mine["recipe"], "scaler": self.scaler.state_dict(), "rng": mine["rng"],
+                "ranks": distributed.gather_objects(mine, self.world_size),
                 "epoch": self.epoch, "step": self.step, "history": self.history, "config": self.cfg,
                 "num_classes": self.trainset.num_classes, "format": FORMAT}
 
     def save(self, name: str) -> Optional[str]:
+        state = self.state_dict()  # on every rank: it gathers the ranks' states
         if self.rank != 0:
             return None
         os.makedirs(self.out, exist_ok=True)
         path = os.path.join(self.out, name)
-        atomic_save(self.state_dict(), path)
+        atomic_save(state, path)
         return path
 
     def load(self, path: str) -> None:
@@ -127,9 +132,13 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.sampler.load_state_dict(state["sampler"])
-        self.recipe.load_state_dict(state["recipe"])
+        ranks = state.get("ranks") or [{"rng": state["rng"], "recipe": state["recipe"]}]
+        if len(ranks) != self.world_size:
+            raise ValueError(f"--resume: {path} was written by {len(ranks)} process(es); resume it with as many, "
+                             f"not {self.world_size}")
+        self.recipe.load_state_dict(ranks[self.rank]["recipe"])
         self.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
+        set_rng_state(ranks[self.rank]["rng"])
         self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
         self.log.info(f"resumed from {path} at epoch {self.epoch}")
 
