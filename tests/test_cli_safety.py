@@ -90,3 +90,38 @@ def test_yaml_12_numbers_and_finite_values(tmp_path):
     broken.write_text("optim: {lr_head: [1, 2\n")
     with pytest.raises(ConfigError, match=r"broken.yaml: not valid YAML at line \d+"):
         load_config(str(broken))
+
+
+def test_evaluate_and_visualize_refuse_in_one_line(tmp_path, synth_root, capsys, monkeypatch):
+    import torch
+
+    from training.evaluate import main as evaluate_main
+    from training.visualize import main as visualize_main
+
+    out = str(tmp_path / "run")
+    assert run(["--config", "lba_synth", "--data-root", synth_root, "--out", out, *SMALL], capsys)[0] == 0
+    final = os.path.join(out, "final.pt")
+    plain = tmp_path / "plain.pt"
+    torch.save({"weight": torch.zeros(2)}, plain)
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint\n")
+    for args, needle in (([("--checkpoint"), str(plain)], "plain.pt"), (["--checkpoint", str(text)], "notes.txt"),
+                         (["--checkpoint", str(tmp_path / "absent.pt")], "absent.pt"),
+                         (["--checkpoint", final, "eval.trails=3"], "eval.trails")):
+        assert evaluate_main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1, err
+    assert visualize_main(["--checkpoint", str(text)]) == 2 and "notes.txt" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        visualize_main(["--checkpoint", final, "--pairs", "0"])
+    assert "--pairs" in capsys.readouterr().err
+    code, err = run(["--config", "lba_synth", "--data-root", synth_root, "--out", out, *SMALL, "--resume", str(text)],
+                    capsys)
+    assert code == 2 and "notes.txt" in err
+    # a relative --data-root is recorded absolute: evaluation works from another folder
+    monkeypatch.chdir(tmp_path)
+    assert run(["--config", "lba_synth", "--data-root", os.path.relpath(synth_root), "--out", "rel", *SMALL],
+               capsys)[0] == 0
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert evaluate_main(["--checkpoint", str(tmp_path / "rel" / "final.pt"), "eval.trials=1"]) == 0

@@ -118,6 +118,18 @@ def json_rows(rows: List[Dict[str, object]]) -> Dict[str, object]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from .config import ConfigError
+    from .data import DatasetError
+    from .engine.checkpoint import CheckpointError
+
+    try:
+        return _main(argv)
+    except (CheckpointError, ConfigError, DatasetError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: Optional[List[str]] = None) -> int:
     from .config import flatten, load_config
     from .data import resolve_data_root
     from .engine.checkpoint import load_model_from_checkpoint, read_checkpoint
@@ -131,8 +143,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                              "figures in percent (0-100), means over the gallery trials")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. eval.trials=10 eval.rerank=aim")
     args = parser.parse_args(argv)
-    if not os.path.isfile(args.checkpoint):
-        parser.error(f"--checkpoint: file not found: {args.checkpoint}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device: 'cuda' asked for, but no CUDA device is available (use --device cpu)")
     state = read_checkpoint(args.checkpoint)
     cfg = load_config(None, args.overrides, updates=flatten(state["config"]))
     if args.data_root:

@@ -82,8 +82,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (DatasetError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    from .engine.checkpoint import CheckpointError
+
     try:
         result = trainer.fit(resume=resume)
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     finally:
         trainer.close()
     if result["eval"] and trainer.rank == 0:

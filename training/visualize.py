@@ -154,12 +154,26 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--site", type=int, default=5, choices=(4, 5))
     parser.add_argument("--out", default="correspondence.png")
     args = parser.parse_args(argv)
-    state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    if args.pairs < 1:
+        parser.error(f"--pairs: expected at least 1 pair to draw, got {args.pairs}")
+    from .data import DatasetError
+    from .engine.checkpoint import CheckpointError, read_checkpoint
+
+    try:
+        state = read_checkpoint(args.checkpoint)
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     cfg = load_config(None, updates=flatten(state["config"]))
     if args.data_root:
         cfg["data"]["root"] = args.data_root
     model = load_model_from_checkpoint(state, cfg)
-    path = visualize(model, resolve_data_root(cfg, generate=False), cfg, args.out, args.pid, args.pairs, args.site)
+    try:
+        path = visualize(model, resolve_data_root(cfg, generate=False), cfg, args.out, args.pid, args.pairs,
+                         args.site)
+    except (DatasetError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(f"wrote {path}")
     return 0
 

@@ -47,11 +47,22 @@ def atomic_save(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
+class CheckpointError(ValueError):
+    """A file that is not (or no longer) a readable training checkpoint; the message names it."""
+
+
 def read_checkpoint(path: str, what: str = "--checkpoint") -> dict:
-    """A checkpoint written by ``training.train``; anything else raises naming ``what``."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    """A checkpoint written by ``training.train``; anything else raises :class:`CheckpointError`
+    naming ``what`` and the file."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{what}: file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # truncated, text, foreign pickles: one message, whatever the cause
+        raise CheckpointError(f"{what}: {path} is not a checkpoint written by training.train "
+                              f"(cannot be read: {type(error).__name__})") from error
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{what}: {path} is not a checkpoint written by training.train")
+        raise CheckpointError(f"{what}: {path} is not a checkpoint written by training.train")
     return state
 
 

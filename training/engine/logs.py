@@ -65,7 +65,9 @@ class TensorBoard:
 
 
 def progress(total: int, desc: str, enabled: bool):
-    if not enabled:
+    """A redrawing bar in a terminal only: into a file or pipe the per-epoch log line is enough
+    (a redrawn bar there is thousands of lines)."""
+    if not enabled or not sys.stderr.isatty():
         return None
     try:
         from tqdm import tqdm

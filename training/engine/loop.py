@@ -74,6 +74,9 @@ class Trainer:
         self._barrier()
         if self.rank != 0:
             self.data_root = resolve_data_root(cfg, generate=False)
+        # Absolute in the saved config, so `training.evaluate --checkpoint` works from any folder.
+        self.data_root = os.path.abspath(self.data_root)
+        cfg["data"]["root"] = self.data_root
         d = cfg["data"]
         self.trainset = load_trainset(d["dataset"], self.data_root, d["trial"])
         self.log.info(self.trainset.summary())
