@@ -125,3 +125,27 @@ def test_evaluate_and_visualize_refuse_in_one_line(tmp_path, synth_root, capsys,
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     assert evaluate_main(["--checkpoint", str(tmp_path / "rel" / "final.pt"), "eval.trials=1"]) == 0
+
+
+def test_synth_cli_defaults_fit_and_bad_sizes_are_refused(tmp_path, capsys):
+    from training.synth import main as synth_main
+
+    assert synth_main(["--out", str(tmp_path / "s"), "--ids", "12", "--height", "32", "--width", "16",
+                       "--images-per-cam", "1"]) == 0  # the default --test-ids fits 12 ids
+    assert len((tmp_path / "s" / "exp" / "test_id.txt").read_text().split(",")) == 4
+    for args, needle in ((["--height", "0"], "--height"), (["--ids", "3"], "--ids"),
+                         (["--out", str(tmp_path / "s")], "--out")):
+        argv = ["--out", str(tmp_path / "t")] + args if args[0] != "--out" else args
+        with pytest.raises(SystemExit):
+            synth_main(argv)
+        assert needle in capsys.readouterr().err
+
+
+def test_cuda_device_without_cuda_is_one_line(tmp_path, synth_root, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    code, err = run(["--config", "lba_synth", "--data-root", synth_root, "--out", str(tmp_path / "o"), *SMALL,
+                     "train.device=cuda"], capsys)
+    assert code == 2 and "train.device" in err and len(err.splitlines()) == 1

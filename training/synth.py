@@ -433,7 +433,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out", required=True, help="output folder (SYSU-MM01 layout)")
     defaults = SynthConfig()
     parser.add_argument("--ids", type=int, default=defaults.ids, help="number of identities")
-    parser.add_argument("--test-ids", type=int, default=defaults.test_ids, help="identities held out for testing")
+    parser.add_argument("--test-ids", type=int, default=None,
+                        help=f"identities held out for testing (default: a third of --ids, {defaults.test_ids} "
+                             f"of the default {defaults.ids})")
     parser.add_argument("--val-ids", type=int, default=defaults.val_ids, help="identities listed in val_id.txt")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--height", type=int, default=defaults.height)
@@ -449,6 +451,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="share of the hidden material (vs the colour projection) in infrared intensity")
     parser.add_argument("--ir-invert", action="store_true", help="camera 6 reverses its colour projection (harder)")
     args = parser.parse_args(argv)
+    if args.test_ids is None:  # a default that fits any --ids: about a third, at least 2, leaving 2 to train
+        args.test_ids = max(2, min(round(args.ids * defaults.test_ids / defaults.ids), args.ids - 2))
+    if args.height < 16 or args.width < 8:
+        parser.error(f"--height/--width: expected at least 16x8 pixels, got {args.height}x{args.width}")
+    if args.ids < 4 or args.test_ids < 2 or args.test_ids + args.val_ids > args.ids - 2:
+        parser.error(f"--ids/--test-ids/--val-ids: need ids >= 4, test ids >= 2 and at least 2 training ids, "
+                     f"got {args.ids}/{args.test_ids}/{args.val_ids}")
+    if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
+        parser.error(f"--out: {args.out} exists and is not empty; name a new or empty folder")
     cfg = SynthConfig(ids=args.ids, test_ids=args.test_ids, val_ids=args.val_ids, seed=args.seed,
                       height=args.height, width=args.width, images_per_cam=args.images_per_cam,
                       jitter=args.jitter, occlusion=args.occlusion, clutter=args.clutter, noise=args.noise,

@@ -63,6 +63,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .data import DatasetError
     from .engine.loop import Trainer
 
+    import torch
+
+    if cfg["train"]["device"] == "cuda" and not torch.cuda.is_available():
+        print("train.device: 'cuda' asked for, but no CUDA device is available (use train.device=cpu or auto)",
+              file=sys.stderr)
+        return 2
     pretrained = cfg["model"]["pretrained"]
     if pretrained and not os.path.isfile(pretrained):
         print(f"--pretrained: file not found: {pretrained} (nothing is ever downloaded)", file=sys.stderr)
