@@ -79,8 +79,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not os.path.isfile(resume):
             print(f"--resume: checkpoint not found: {resume}", file=sys.stderr)
             return 2
-    elif not args.overwrite and _existing_run(cfg["out"]):
-        print(f"--out: {cfg['out']} already holds a run ({_existing_run(cfg['out'])}); pass --resume to continue "
+    elif not args.overwrite and (existing := _existing_run(cfg["out"])):
+        print(f"--out: {cfg['out']} already holds a run ({existing}); pass --resume to continue "
               "it, --overwrite to replace it, or choose another --out", file=sys.stderr)
         return 2
     try:

@@ -6,6 +6,8 @@ import json
 import os
 import time
 
+from .common import DatasetError
+
 
 def resolve_data_root(cfg: dict, generate: bool = True, log=print) -> str:
     """The dataset folder of ``cfg``; synthetic data is generated there on first use.
@@ -24,7 +26,6 @@ def resolve_data_root(cfg: dict, generate: bool = True, log=print) -> str:
         digest = hashlib.sha1(json.dumps(s, sort_keys=True).encode()).hexdigest()[:8]
         root = os.path.join("runs", "data", f"synth_{data['height']}x{data['width']}_{digest}")
     if generate and not os.path.isfile(os.path.join(root, "exp", "test_id.txt")):
-        from .common import DatasetError
         from ..synth import SynthConfig, generate as synth_generate
 
         if os.path.exists(root) and (not os.path.isdir(root) or os.listdir(root)):

@@ -78,10 +78,10 @@ def gather_objects(obj, world_size: int) -> list:
     return out
 
 
-def wrap(model: torch.nn.Module, world_size: int, device: torch.device, local_rank: int,
-         find_unused_parameters: bool = False) -> torch.nn.Module:
+def wrap(model: torch.nn.Module, world_size: int, device: torch.device, local_rank: int) -> torch.nn.Module:
+    """DDP without unused-parameter search: every recipe uses all its parameters in each step
+    (a recipe's own head replaces the backbone's BNNeck and runs inside the forward)."""
     if world_size == 1:
         return model
     return torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[local_rank] if device.type == "cuda" else None,
-        find_unused_parameters=find_unused_parameters)
+        model, device_ids=[local_rank] if device.type == "cuda" else None)

@@ -46,8 +46,7 @@ class Trainer:
         self._build_data()
         # model, recipe, optimiser (in this order: the model's initialisation draws the global RNG)
         self.model = build_model(cfg, self.trainset.num_classes, log=self.log.info).to(self.device)
-        self.net = distributed.wrap(self.model, self.world_size, self.device, self.local_rank,
-                                    recipe_class(cfg).find_unused_parameters)
+        self.net = distributed.wrap(self.model, self.world_size, self.device, self.local_rank)
         self.recipe = recipe_class(cfg)(cfg, self.trainset.num_classes, seed=cfg["seed"] + self.rank)
         self._build_loader()
         self.optimizer = build_optimizer(self.model, cfg)

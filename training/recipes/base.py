@@ -23,7 +23,7 @@ A recipe is a class with
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Dict, Optional, Tuple
 
 import torch
@@ -53,15 +53,12 @@ class TrainContext:
     step: int = 0
     log: Callable[[str], None] = print
     extract: Optional[Callable[..., Tuple[torch.Tensor, torch.Tensor]]] = None
-    extras: Dict[str, Any] = field(default_factory=dict)
 
 
 class Recipe:
     """Base class: override what the method needs; the defaults do nothing."""
 
     name: ClassVar[str] = ""
-    # DDP: True when some model parameters get no gradient in this method's steps.
-    find_unused_parameters: ClassVar[bool] = False
     DEFAULTS: ClassVar[Dict[str, Dict[str, Any]]] = {"loss": {}}
     LOSS_SPEC: ClassVar[Dict[str, Callable[[Any], Optional[str]]]] = {}
 
