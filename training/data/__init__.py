@@ -11,7 +11,7 @@ from typing import Dict, Tuple
 
 import torch
 
-from .batch import DERIVATIONS, Batch, BatchSpec, ModalityDataset, channel_exchange, collate_batch
+from .batch import DERIVATIONS, Batch, BatchSpec, ModalityDataset, channel_exchange, collate_batch, rows_of
 from .common import DatasetError, ImageList, TrainSet, load_image
 from .root import resolve_data_root
 from .regdb import load_regdb
@@ -22,7 +22,7 @@ from .transforms import TrainTransform, build_train_transform, normalize, resize
 __all__ = [
     "Batch", "BatchSpec", "CrossModalityIdentitySampler", "DERIVATIONS", "DatasetError", "ImageCache", "ImageList",
     "ModalityDataset", "TrainSet", "TrainTransform", "build_train_transform", "channel_exchange", "collate_batch",
-    "load_image", "load_trainset", "normalize", "resolve_data_root",
+    "load_image", "load_trainset", "normalize", "resolve_data_root", "rows_of",
 ]
 
 DATASETS = ("sysu", "regdb", "synth")

@@ -58,6 +58,13 @@ class BatchSpec:
             raise ValueError(f"auxiliary: expected one of {sorted(DERIVATIONS)}, got {self.auxiliary!r}")
 
 
+def rows_of(layout, modality: str, device=None) -> torch.Tensor:
+    """(B,) bool mask of the rows of ``modality`` in a batch laid out as ``((modality, rows), ...)``
+    (the order of :class:`Batch` and of the model's output rows)."""
+    mask = torch.cat([torch.full((rows,), m == modality, dtype=torch.bool) for m, rows in layout])
+    return mask.to(device) if device is not None else mask
+
+
 @dataclass
 class Batch:
     """``images[m]`` (B, 3, H, W) and ``labels[m]`` (B,) per modality, in the spec's order."""
@@ -75,6 +82,10 @@ class Batch:
 
     def sizes(self) -> Tuple[int, ...]:
         return tuple(x.shape[0] for x in self.images.values())
+
+    def layout(self) -> Tuple[Tuple[str, int], ...]:
+        """``((modality, rows), ...)`` in batch order (what the model's ``extras`` receive)."""
+        return tuple(zip(self.images, self.sizes()))
 
     def num_images(self) -> int:
         return sum(self.sizes())

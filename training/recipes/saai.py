@@ -34,7 +34,7 @@ from torch import nn
 from reid_kernels import losses as rk_losses
 
 from .. import validators as v
-from ..data import Batch
+from ..data import Batch, rows_of
 from ..models import SAFL, DualBNNeck, feature_map_size
 from .base import Recipe, unwrap
 
@@ -67,8 +67,7 @@ class SAAIHead(nn.Module):
         classifier's logits of the ``layer4`` maps of a batch laid out as ``layout`` =
         ((modality, rows), ...)."""
         fmap = out.feat4
-        infrared = torch.cat([torch.full((rows,), m == "infrared", dtype=torch.bool) for m, rows in layout])
-        infrared = infrared.to(fmap.device)
+        infrared = rows_of(layout, "infrared", fmap.device)
         feats, similarity = self.descriptor(fmap)
         bn = self.bnneck(feats, infrared)
         return {"feats": feats, "similarity": similarity, "bn": bn, "infrared": infrared,
