@@ -41,6 +41,14 @@ def batch_hard_triplet(features: torch.Tensor, labels: torch.Tensor, margin: flo
     return F.relu(hardest_pos - hardest_neg + margin).mean()  # MarginRankingLoss(y=1), mean over anchors
 
 
+def identity_losses(out, labels: torch.Tensor, margin: float) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """LbA's ID loss: CE of the BNNeck classifier + batch-hard triplet on the pooled features;
+    returns (their sum, {"ce", "tri"}). PEA's design reuses it."""
+    ce = F.cross_entropy(out.logits.float(), labels)
+    tri = batch_hard_triplet(out.pooled, labels, margin)
+    return ce + tri, {"ce": ce.detach(), "tri": tri.detach()}
+
+
 class LbARecipe(Recipe):
     """LbA's losses from a model output; owns the pair-drawing generator."""
 
@@ -82,10 +90,7 @@ class LbARecipe(Recipe):
     def losses(self, model, batch: Batch, out) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         cfg = self.loss_cfg
         labels = batch.all_labels()
-        ce = F.cross_entropy(out.logits.float(), labels)
-        tri = batch_hard_triplet(out.pooled, labels, cfg["triplet_margin"])
-        total = ce + tri
-        logs = {"ce": ce.detach(), "tri": tri.detach()}
+        total, logs = identity_losses(out, labels, cfg["triplet_margin"])
         if self.needs_alignment:
             ic_total, dt_total = self._alignment_losses(model, out, labels, logs)
             if cfg["ic"]:

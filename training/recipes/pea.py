@@ -33,9 +33,9 @@ from torch import nn
 from reid_kernels import losses as rk_losses
 
 from .. import validators as v
-from ..data import Batch
+from ..data import Batch, rows_of
 from .base import Recipe, unwrap
-from .lba import batch_hard_triplet
+from .lba import identity_losses
 
 
 class ModalityProxies(nn.Module):
@@ -84,13 +84,9 @@ class PEARecipe(Recipe):
     def losses(self, model, batch: Batch, out) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         c = self.loss_cfg
         labels = batch.all_labels()
-        ce = F.cross_entropy(out.logits.float(), labels)
-        tri = batch_hard_triplet(out.pooled, labels, c["triplet_margin"])
-        total = ce + tri
-        logs = {"ce": ce.detach(), "tri": tri.detach()}
+        total, logs = identity_losses(out, labels, c["triplet_margin"])
         if c["intra"] or c["inter"]:
-            infrared = torch.cat([torch.full((batch.labels[m].shape[0],), m == "infrared", dtype=torch.bool)
-                                  for m in batch.modalities]).to(labels.device)
+            infrared = rows_of(batch.layout(), "infrared", labels.device)
             to_v, to_i = out.extras["to_visible"], out.extras["to_infrared"]
             own = torch.where(infrared[:, None], to_i, to_v)     # each sample against its modality's proxies
             other = torch.where(infrared[:, None], to_v, to_i)   # ... and against the other modality's
