@@ -114,7 +114,7 @@ class ReIDBackbone(nn.Module):
             setattr(self, f"layer{i}", make_layer(block, inplanes, p, n, s))
             inplanes = p * block.expansion
         self.feat3_dim = planes[2] * block.expansion
-        self.feat_dim = inplanes
+        self.feat_dim = feature_dim(depth, width)
         init_resnet(self)
         self.pool = GeM(gem_p, gem_learnable)
         # Without the BNNeck (a recipe with its own head, e.g. SAAI's dual BNNeck) every parameter
@@ -209,6 +209,12 @@ class ReIDBackbone(nn.Module):
 
     def feature_maps(self, x: torch.Tensor, modality: str):
         return self.shared(self.stem_for(modality)(x))
+
+
+def feature_dim(depth: int, width: int) -> int:
+    """Channels of the ``layer4`` map (the pooled feature) of a ResNet of ``depth`` and stem ``width``."""
+    block, _ = DEPTHS[depth]
+    return width * 8 * block.expansion
 
 
 def feature_map_size(cfg: dict, height: int, width: int):

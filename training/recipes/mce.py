@@ -49,6 +49,7 @@ from reid_kernels.nn import MemoryBank
 
 from .. import validators as v
 from ..data import Batch, BatchSpec
+from ..models import feature_dim
 from .base import Recipe, TrainContext
 
 BANKS = ("v", "r", "a", "u")
@@ -106,17 +107,10 @@ class MCERecipe(Recipe):
         self.uses_memory = c["memory_agnostic"] or c["memory_aware"] or c["mi"] or c["gc"]
         aware = c["momentum_aware"]
         self.memory = MemoryBank(
-            num_classes, self._feature_dim(cfg), names=BANKS,
+            num_classes, feature_dim(cfg["model"]["depth"], cfg["model"]["width"]), names=BANKS,
             momentum={"v": aware, "r": aware, "a": aware, "u": c["momentum_agnostic"]},
             mode={"v": "mean", "r": "mean", "a": "mean", "u": c["agnostic_update"]},
             normalize=True, convention="old", temperature=c["temperature"], history=True, sync_ddp=True)
-
-    @staticmethod
-    def _feature_dim(cfg: dict) -> int:
-        from ..models.resnet import DEPTHS
-
-        block, _ = DEPTHS[cfg["model"]["depth"]]
-        return cfg["model"]["width"] * 8 * block.expansion
 
     @classmethod
     def uses_classifier(cls, cfg: dict) -> bool:
