@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from ddp_util import rank_env, run_ranks
 
-from train_helpers import H, W, assert_same_state, make_trainer, small_config, straight_and_resumed, tiny_synth
+from train_helpers import (H, W, assert_same_state, make_trainer, small_config, straight_and_resumed, tiny_synth,
+                           train_and_evaluate)
 
 from training.config import ConfigError, load_config
 from training.data import Batch, channel_exchange
-from training.evaluate import evaluate
 from training.features import image_seed
 from training.models import ModelOutput, ReIDBackbone, load_pretrained
 from training.recipes import MCERecipe, build_model
@@ -334,18 +334,13 @@ def test_epoch_start_refresh_equals_class_means_of_a_plain_pass(synth_root, tmp_
 def test_mce_trains_with_falling_loss_and_beats_the_untrained_network(synth_root, tmp_path):
     cfg = mce_config(synth_root, str(tmp_path / "run"), **{"train.epochs": 10, "optim.milestones": [9],
                                                            "optim.lr_backbone": 3e-3, "optim.lr_head": 3e-3})
-    trainer = make_trainer(cfg)
-    before = evaluate(trainer.model, synth_root, cfg)["summary"]["mAP"]
-    result = trainer.fit()
-    trainer.close()
-    losses = [h["loss"] for h in result["history"]]
-    after = evaluate(trainer.model, synth_root, cfg)["summary"]["mAP"]
+    before, after, losses, history = train_and_evaluate(cfg, synth_root)
     print(f"MCE mAP untrained {before:.3f} -> trained {after:.3f}; loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     # The banks are re-initialised at every epoch start, so one epoch's loss is noisy: compare the
     # last two epochs' mean (measured here: 21.7 -> 15.7, mAP 0.26 -> 0.44).
     assert sum(losses[-2:]) / 2 < 0.8 * losses[0]
     assert after > before + 0.10, (before, after)
-    assert all("refresh_seconds" in h and 0 < h["epoch_start_share"] < 1 for h in result["history"])
+    assert all("refresh_seconds" in h and 0 < h["epoch_start_share"] < 1 for h in history)
 
 
 @pytest.mark.slow

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from ddp_util import rank_env, run_ranks
 
-from train_helpers import H, W, assert_same_state, make_trainer, small_config, straight_and_resumed, tiny_synth
+from train_helpers import (H, W, assert_same_state, make_trainer, small_config, straight_and_resumed, tiny_synth,
+                           train_and_evaluate)
 
 from training.data import Batch
-from training.evaluate import evaluate
 from training.recipes import PEARecipe, build_model
 from training.recipes.lba import batch_hard_triplet
 
@@ -101,12 +101,7 @@ def test_every_switch_runs_and_backpropagates(intra, inter, cycle):
 @pytest.mark.slow
 def test_pea_trains_with_falling_loss_and_beats_the_untrained_network(synth_root, tmp_path):
     cfg = pea_config(synth_root, str(tmp_path / "run"), **{"train.epochs": 8, "optim.milestones": [6]})
-    trainer = make_trainer(cfg)
-    before = evaluate(trainer.model, synth_root, cfg)["summary"]["mAP"]
-    result = trainer.fit()
-    trainer.close()
-    losses = [h["loss"] for h in result["history"]]
-    after = evaluate(trainer.model, synth_root, cfg)["summary"]["mAP"]
+    before, after, losses, history = train_and_evaluate(cfg, synth_root)
     print(f"PEA mAP untrained {before:.3f} -> trained {after:.3f}; loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     assert losses[-1] < 0.8 * losses[0]
     assert after > before + 0.10, (before, after)

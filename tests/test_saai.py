@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from ddp_util import rank_env, run_ranks
 
-from train_helpers import H, W, assert_same_state, make_trainer, small_config, straight_and_resumed, tiny_synth
+from train_helpers import (H, W, assert_same_state, make_trainer, small_config, straight_and_resumed, tiny_synth,
+                           train_and_evaluate)
 
 from training.config import ConfigError, load_config
 from training.data import Batch
@@ -209,12 +210,7 @@ def test_aim_in_the_evaluation_equals_rerank_aim_by_hand(synth_root):
 def test_saai_trains_with_falling_loss_and_beats_the_untrained_network(synth_root, tmp_path):
     cfg = saai_config(synth_root, str(tmp_path / "run"), **{"train.epochs": 8, "optim.milestones": [7],
                                                             "optim.lr_backbone": 2e-3, "optim.lr_head": 2e-3})
-    trainer = make_trainer(cfg)
-    before = evaluate(trainer.model, synth_root, cfg)["summary"]["mAP"]
-    result = trainer.fit()
-    trainer.close()
-    losses = [h["loss"] for h in result["history"]]
-    after = evaluate(trainer.model, synth_root, cfg)["summary"]["mAP"]
+    before, after, losses, history = train_and_evaluate(cfg, synth_root)
     print(f"SAAI mAP untrained {before:.3f} -> trained {after:.3f}; loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     assert losses[-1] < 0.8 * losses[0]
     assert after > before + 0.10, (before, after)

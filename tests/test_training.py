@@ -5,10 +5,10 @@ import warnings
 import pytest
 import torch
 from ddp_util import rank_env, run_ranks
+from train_helpers import make_trainer, train_and_evaluate
 
 from training.config import ConfigError, load_config
 from training.data import Batch
-from training.engine.loop import Trainer
 from training.engine.schedule import lr_factor
 from training.evaluate import evaluate
 from training.models import ReIDBackbone, load_pretrained
@@ -38,12 +38,6 @@ def tiny_config(root, out, **updates):
     }
     base.update(updates)
     return load_config("lba_synth", updates=base)
-
-
-def make_trainer(cfg):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return Trainer(cfg, quiet=True)
 
 
 # --- config -----------------------------------------------------------------------------------------
@@ -166,12 +160,7 @@ def test_every_table3_switch_runs_and_backpropagates(ic, dt, coattention, sites)
 def test_training_lowers_loss_and_beats_untrained_model(synth_root, tmp_path):
     cfg = tiny_config(synth_root, str(tmp_path / "run"), **{"train.epochs": 8, "optim.milestones": [6],
                                                             "loss.ic": False, "loss.dt": False})
-    trainer = make_trainer(cfg)
-    before = evaluate(trainer.model, synth_root, cfg)["summary"]["mAP"]
-    result = trainer.fit()
-    trainer.close()
-    losses = [h["loss"] for h in result["history"]]
-    after = evaluate(trainer.model, synth_root, cfg)["summary"]["mAP"]
+    before, after, losses, _ = train_and_evaluate(cfg, synth_root)
     assert losses[-1] < 0.8 * losses[0]
     print(f"mAP untrained {before:.3f} -> trained {after:.3f}; loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     assert after > before + 0.10, (before, after)

@@ -57,3 +57,15 @@ def assert_same_state(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def train_and_evaluate(cfg, root):
+    """(mAP of the untrained network, mAP after ``fit``, per-epoch losses, history) of one run."""
+    from training.evaluate import evaluate
+
+    trainer = make_trainer(cfg)
+    before = evaluate(trainer.model, root, cfg)["summary"]["mAP"]
+    result = trainer.fit()
+    trainer.close()
+    after = evaluate(trainer.model, root, cfg)["summary"]["mAP"]
+    return before, after, [h["loss"] for h in result["history"]], result["history"]
