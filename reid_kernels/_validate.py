@@ -77,6 +77,28 @@ def check_finite_float(name: str, value) -> float:
     return value
 
 
+def check_index_vector(name: str, value, length: int, what: str) -> torch.Tensor:
+    """A 1-D int64 (or int32) tensor of ``length`` entries, one per feature row; returned as given."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor of int64 {what}, got {type(value).__name__}")
+    if value.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name}: expected an int64 (or int32) tensor, got dtype {value.dtype}")
+    if value.dim() != 1 or value.shape[0] != length:
+        raise ValueError(f"{name}: expected shape ({length},) (one entry per feature row), got {tuple(value.shape)}")
+    return value
+
+
+def check_index_range(name: str, value: torch.Tensor, rows: int, of: str) -> None:
+    """Every entry in ``[0, rows)`` (rows of ``of``); IndexError naming the first one outside.
+    One small kernel and one device sync; skipped for empty and meta tensors."""
+    if value.numel() and value.device.type != "meta":
+        lo, hi = torch.stack(torch.aminmax(value)).tolist()
+        if lo < 0 or hi >= rows:
+            first = int(((value < 0) | (value >= rows)).nonzero()[0, 0])
+            raise IndexError(f"{name}: expected values in [0, {rows}) ({of}), got {int(value[first])} "
+                             f"at position {first}")
+
+
 def check_index(name: str, index, length: int, like: torch.Tensor) -> torch.Tensor:
     """A 1-D integer index of ``length`` entries, each in [0, length) -- partners within the batch."""
     if not isinstance(index, torch.Tensor):

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from ._validate import check_finite_float, check_int, check_positive_float, check_same_device, check_same_dtype
-from ._validate import check_tensor
+from ._validate import check_index_range, check_index_vector, check_tensor
 
 __all__ = [
     "center_separation",
@@ -66,30 +66,16 @@ def _check_float(name: str, value, ndim: int) -> torch.Tensor:
     return check_tensor(name, value, ndim=ndim, floating=True, dtypes=_DTYPES)
 
 
-def _check_int_vector(name: str, value, batch: int, what: str) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor of int64 {what}, got {type(value).__name__}")
-    if value.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"{name}: expected an int64 (or int32) tensor, got dtype {value.dtype}")
-    if value.dim() != 1 or value.shape[0] != batch:
-        raise ValueError(f"{name}: expected shape ({batch},) (one entry per feature row), got {tuple(value.shape)}")
-    return value
-
-
 def _check_labels(labels, batch: int, rows=None, table: str = "centroids") -> torch.Tensor:
     """1-D int labels of ``batch`` entries; with ``rows``, each in [0, rows) (IndexError otherwise)."""
-    labels = _check_int_vector("labels", labels, batch, "identity labels")
-    if rows is not None and labels.numel() and labels.device.type != "meta":
-        lo, hi = torch.stack(torch.aminmax(labels)).tolist()  # one device sync
-        if lo < 0 or hi >= rows:
-            first = int(((labels < 0) | (labels >= rows)).nonzero()[0, 0])
-            raise IndexError(f"labels: expected values in [0, {rows}) (rows of {table}), got {int(labels[first])} "
-                             f"at position {first}")
+    labels = check_index_vector("labels", labels, batch, "identity labels")
+    if rows is not None:
+        check_index_range("labels", labels, rows, f"rows of {table}")
     return labels
 
 
 def _check_modalities(modalities, batch: int) -> torch.Tensor:
-    modalities = _check_int_vector("modalities", modalities, batch, "modality indices")
+    modalities = check_index_vector("modalities", modalities, batch, "modality indices")
     if modalities.numel() and modalities.device.type != "meta":
         bad = (modalities != 0) & (modalities != 1)
         if bool(bad.any()):

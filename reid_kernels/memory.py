@@ -10,7 +10,7 @@ import torch
 
 from . import _ops  # noqa: F401  (fake-kernel registration of memory_update_)
 from ._extension import require_backend_for
-from ._validate import check_finite_float, check_same_device, check_tensor
+from ._validate import check_finite_float, check_index_range, check_index_vector, check_same_device, check_tensor
 
 MODES = ("sequential", "mean", "hard")
 CONVENTIONS = ("old", "new")
@@ -105,16 +105,6 @@ def _check_update_args(memory, features, labels, momentum, mode, normalize, conv
 
 
 def _check_labels(labels, batch: int, rows: int) -> torch.Tensor:
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels: expected a torch.Tensor of int64 class indices, got {type(labels).__name__}")
-    if labels.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"labels: expected an int64 (or int32) tensor, got dtype {labels.dtype}")
-    if labels.dim() != 1 or labels.shape[0] != batch:
-        raise ValueError(f"labels: expected shape ({batch},) (one label per feature row), got {tuple(labels.shape)}")
-    if labels.numel() and labels.device.type != "meta":
-        lo, hi = torch.stack(torch.aminmax(labels)).tolist()  # one small kernel, one device sync
-        if lo < 0 or hi >= rows:
-            first = int(((labels < 0) | (labels >= rows)).nonzero()[0, 0])
-            raise IndexError(f"labels: expected values in [0, {rows}) (memory rows), got {int(labels[first])} "
-                             f"at position {first}")
+    labels = check_index_vector("labels", labels, batch, "class indices")
+    check_index_range("labels", labels, rows, "memory rows")
     return labels.to(torch.int64)
