@@ -33,6 +33,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from .recipes.peca import ablation_updates
+
 LBA_ROWS = {
     "baseline": ("baseline (ID loss only)", {"loss.ic": False, "loss.dt": False}),
     "ic": ("+IC", {"loss.ic": True, "loss.dt": False}),
@@ -67,9 +69,17 @@ PEA_ROWS = {  # our design's three terms (PEA's paper has no ablation we could r
     "intra_inter": ("+intra +inter", {"loss.cycle": False}),
     "all": ("+intra +inter +cycle (full PEA design)", {}),
 }
-ROWS_BY_RECIPE = {"lba": LBA_ROWS, "mce": MCE_ROWS, "saai": SAAI_ROWS, "pea": PEA_ROWS}
+PECA_ROWS = {  # PECA's Table 3, built up as the paper does (M6 = PECA)
+    "m1": ("M1 (CE + triplet)", ablation_updates("M1")),
+    "m2": ("M2 (CE + L_ins)", ablation_updates("M2")),
+    "m3": ("M3 (+L_mod)", ablation_updates("M3")),
+    "m4": ("M4 (M3 +GSL)", ablation_updates("M4")),
+    "m5": ("M5 (M3 +ICAL)", ablation_updates("M5")),
+    "m6": ("M6 (full PECA)", ablation_updates("M6")),
+}
+ROWS_BY_RECIPE = {"lba": LBA_ROWS, "mce": MCE_ROWS, "saai": SAAI_ROWS, "pea": PEA_ROWS, "peca": PECA_ROWS}
 DEFAULT_ROWS_BY_RECIPE = {"lba": ("baseline", "ic", "ic_dt"), "mce": ("lw", "lw_mi", "full"),
-                          "saai": ("baseline", "parts", "all"), "pea": ("baseline", "all")}
+                          "saai": ("baseline", "parts", "all"), "pea": ("baseline", "all"), "peca": ("m1", "m6")}
 ROWS = LBA_ROWS  # the LbA demo's rows (kept under their old name)
 DEFAULT_ROWS = DEFAULT_ROWS_BY_RECIPE["lba"]
 
@@ -213,7 +223,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--rows", default=None,
                         help=f"comma-separated rows: LbA among {', '.join(LBA_ROWS)} (default "
                              f"{','.join(DEFAULT_ROWS)}); MCE among {', '.join(MCE_ROWS)} (default "
-                             f"{','.join(DEFAULT_ROWS_BY_RECIPE['mce'])}); SAAI among {', '.join(SAAI_ROWS)}; PEA among {', '.join(PEA_ROWS)}")
+                             f"{','.join(DEFAULT_ROWS_BY_RECIPE['mce'])}); SAAI among {', '.join(SAAI_ROWS)}; "
+                             f"PEA among {', '.join(PEA_ROWS)}; PECA among {', '.join(PECA_ROWS)}")
     parser.add_argument("--epochs", type=int, default=None, help="override train.epochs")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the config's)")
     parser.add_argument("--seeds", default=None,
@@ -223,7 +234,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("overrides", nargs="*", help="config overrides key=value for every row")
     args = parser.parse_args(argv)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None
-    known = {**LBA_ROWS, **MCE_ROWS, **SAAI_ROWS, **PEA_ROWS}
+    known = {**LBA_ROWS, **MCE_ROWS, **SAAI_ROWS, **PEA_ROWS, **PECA_ROWS}
     unknown = [r for r in rows or () if r not in known]
     if unknown:
         parser.error(f"--rows: unknown {unknown}; expected among {list(known)}")

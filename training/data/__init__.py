@@ -11,7 +11,9 @@ from typing import Dict, Tuple
 
 import torch
 
-from .batch import DERIVATIONS, Batch, BatchSpec, ModalityDataset, channel_exchange, collate_batch, rows_of
+from .batch import (DERIVATIONS, PAIRED_DERIVATIONS, Batch, BatchSpec, ModalityDataset, channel_exchange, collate_batch,
+                    rows_of)
+from .ical import ICAL_VARIANTS, ical_image, ical_mix
 from .common import DatasetError, ImageList, TrainSet, load_image
 from .root import resolve_data_root
 from .regdb import load_regdb
@@ -20,9 +22,10 @@ from .sysu import load_sysu
 from .transforms import TrainTransform, build_train_transform, normalize, resize_to_tensor
 
 __all__ = [
-    "Batch", "BatchSpec", "CrossModalityIdentitySampler", "DERIVATIONS", "DatasetError", "ImageCache", "ImageList",
-    "ModalityDataset", "TrainSet", "TrainTransform", "build_train_transform", "channel_exchange", "collate_batch",
-    "load_image", "load_trainset", "normalize", "resolve_data_root", "rows_of",
+    "Batch", "BatchSpec", "CrossModalityIdentitySampler", "DERIVATIONS", "DatasetError", "ICAL_VARIANTS",
+    "ImageCache", "ImageList", "ModalityDataset", "PAIRED_DERIVATIONS", "TrainSet", "TrainTransform",
+    "build_train_transform", "channel_exchange", "collate_batch", "ical_image", "ical_mix", "load_image",
+    "load_trainset", "normalize", "resolve_data_root", "rows_of",
 ]
 
 DATASETS = ("sysu", "regdb", "synth")

@@ -3,7 +3,9 @@
 A recipe declares its :class:`BatchSpec`: the modalities it trains on, in order, and how
 each derived one is made. ``visible`` and ``infrared`` are the sampler's images;
 ``auxiliary`` is derived, per slot, from the slot's visible image by one of
-:data:`DERIVATIONS` (``channel_exchange``: MCE's auxiliary modality). Every random
+:data:`DERIVATIONS` (``channel_exchange``: MCE's auxiliary modality), or from the slot's visible
+*and* infrared images (one identity: the sampler pairs them) by one of
+:data:`PAIRED_DERIVATIONS` (``ical``: PECA's generated images). Every random
 decision of a slot -- each modality's augmentation and the derivation -- draws from one
 ``torch.Generator`` seeded with the slot's seed, in the fixed order visible, infrared,
 auxiliary, so a batch is reproducible whatever the loader's worker count, and adding a
@@ -17,6 +19,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 
 from .common import TrainSet
+from .ical import ical_image
 from .transforms import TrainTransform
 
 BASE_MODALITIES = ("visible", "infrared")
@@ -32,6 +35,11 @@ def channel_exchange(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 DERIVATIONS: Dict[str, Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = {
     "channel_exchange": channel_exchange,
+}
+# (visible uint8, infrared uint8, generator) -> uint8 image, made before augmentation and then
+# augmented as an infrared image (no channel augmentation, which would undo the mix).
+PAIRED_DERIVATIONS: Dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]] = {
+    "ical": ical_image,
 }
 
 
@@ -54,8 +62,14 @@ class BatchSpec:
         if ("auxiliary" in self.modalities) != (self.auxiliary is not None):
             raise ValueError("auxiliary: a derivation is needed exactly when the 'auxiliary' modality is asked for, "
                              f"got modalities {self.modalities} and auxiliary={self.auxiliary!r}")
-        if self.auxiliary is not None and self.auxiliary not in DERIVATIONS:
-            raise ValueError(f"auxiliary: expected one of {sorted(DERIVATIONS)}, got {self.auxiliary!r}")
+        known = sorted(DERIVATIONS) + sorted(PAIRED_DERIVATIONS)
+        if self.auxiliary is not None and self.auxiliary not in known:
+            raise ValueError(f"auxiliary: expected one of {known}, got {self.auxiliary!r}")
+
+    @property
+    def paired(self) -> bool:
+        """Whether the derived modality is made from the slot's visible and infrared images."""
+        return self.auxiliary in PAIRED_DERIVATIONS
 
 
 def rows_of(layout, modality: str, device=None) -> torch.Tensor:
@@ -119,10 +133,14 @@ class ModalityDataset(torch.utils.data.Dataset):
         if "visible" in wanted or "auxiliary" in wanted:
             vis_image = self.images.get(vis.paths[vis_index])
             made["visible"] = (self.transform(vis_image, g, visible=True), int(vis.labels[vis_index]))
-        if "infrared" in wanted:
-            made["infrared"] = (self.transform(self.images.get(ir.paths[ir_index]), g, visible=False),
-                                int(ir.labels[ir_index]))
-        if "auxiliary" in wanted:
+        if "infrared" in wanted or self.spec.paired:
+            ir_image = self.images.get(ir.paths[ir_index])
+            made["infrared"] = (self.transform(ir_image, g, visible=False), int(ir.labels[ir_index]))
+        if "auxiliary" in wanted and self.spec.paired:
+            # Mixed from the raw pair, then augmented on its own draws.
+            mixed = PAIRED_DERIVATIONS[self.spec.auxiliary](vis_image, ir_image, g)
+            made["auxiliary"] = (self.transform(mixed, g, visible=False), int(vis.labels[vis_index]))
+        elif "auxiliary" in wanted:
             # An independently augmented copy of the slot's visible image, then the derivation.
             x = self.transform(vis_image, g, visible=True)
             made["auxiliary"] = (DERIVATIONS[self.spec.auxiliary](x, g), int(vis.labels[vis_index]))

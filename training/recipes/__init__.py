@@ -10,9 +10,11 @@ from .base import Recipe, TrainContext, unwrap
 from .lba import LbARecipe, batch_hard_triplet
 from .mce import MCERecipe
 from .pea import PEARecipe
+from .peca import PECARecipe
 from .saai import SAAIRecipe
 
-RECIPES: Dict[str, Type[Recipe]] = {"lba": LbARecipe, "mce": MCERecipe, "saai": SAAIRecipe, "pea": PEARecipe}
+RECIPES: Dict[str, Type[Recipe]] = {"lba": LbARecipe, "mce": MCERecipe, "saai": SAAIRecipe, "pea": PEARecipe,
+                              "peca": PECARecipe}
 
 
 def recipe_class(cfg: dict) -> Type[Recipe]:
@@ -30,5 +32,5 @@ def build_model(cfg: dict, num_classes: int, log=print) -> ReIDBackbone:
     return model
 
 
-__all__ = ["LbARecipe", "MCERecipe", "PEARecipe", "RECIPES", "SAAIRecipe", "Recipe", "TrainContext", "batch_hard_triplet", "build_model",
+__all__ = ["LbARecipe", "MCERecipe", "PEARecipe", "PECARecipe", "RECIPES", "SAAIRecipe", "Recipe", "TrainContext", "batch_hard_triplet", "build_model",
            "recipe_class", "unwrap"]
