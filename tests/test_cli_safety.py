@@ -208,3 +208,15 @@ def test_bad_arguments_are_one_line_in_every_cli(capsys):
             main(args)
         err = capsys.readouterr().err.strip()
         assert info.value.code == 2 and err.startswith("error: ") and len(err.splitlines()) == 1, err
+
+
+def test_a_batch_the_data_cannot_fill_and_an_out_file_are_one_line(tmp_path, synth_root, capsys):
+    out = tmp_path / "run"
+    code, err = run(["--config", "lba_synth", "--data-root", synth_root, "--out", str(out), *SMALL,
+                     "sampler.num_ids=500"], capsys)
+    assert code == 2 and err.startswith("config error: sampler.num_ids: 500") and len(err.splitlines()) == 1, err
+    assert err in open(out / "train.log").read()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    code, err = run(["--config", "lba_synth", "--data-root", synth_root, "--out", str(notes), *SMALL], capsys)
+    assert code == 2 and "--out" in err and "not a folder" in err and notes.read_text() == "mine\n"

@@ -89,7 +89,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         resume = os.path.join(cfg["out"], "last.pt") if args.resume == "auto" else args.resume
         if not os.path.isfile(resume):
             return _refuse(f"--resume: checkpoint not found: {resume}")
-    elif not args.overwrite and (existing := _existing_run(cfg["out"])):
+    if os.path.exists(cfg["out"]) and not os.path.isdir(cfg["out"]):
+        return _refuse(f"--out: {cfg['out']} exists and is not a folder")
+    if not args.resume and not args.overwrite and (existing := _existing_run(cfg["out"])):
         return _refuse(f"--out: {cfg['out']} already holds a run ({existing}); pass --resume to continue "
                        "it, --overwrite to replace it, or choose another --out")
     return _run(cfg, resume, check_data=not args.skip_data_check)
@@ -116,6 +118,9 @@ def _run(cfg: dict, resume: Optional[str], check_data: bool) -> int:
             log.info(f"final {s['setting']}: mAP {100 * s['mAP']:.2f}  R1 {100 * s['R1']:.2f}  "
                      f"mINP {100 * s['mINP']:.2f}")
         return 0
+    except ConfigError as error:
+        log.error(f"config error: {error}")
+        return 2
     except (CheckpointError, DatasetError, FileNotFoundError) as error:
         log.error(f"error: {error}")
         return 2

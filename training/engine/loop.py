@@ -18,7 +18,7 @@ from typing import Dict, Optional
 import torch
 from torch.utils.data import DataLoader
 
-from ..config import dump
+from ..config import ConfigError, dump
 from ..data import (CrossModalityIdentitySampler, DatasetError, ImageCache, ModalityDataset, build_train_transform,
                     collate_batch, load_trainset, resolve_data_root)
 from ..data.check import check_dataset
@@ -92,9 +92,12 @@ class Trainer:
         if self.check_data:
             self._check_data()
         s = cfg["sampler"]
-        self.sampler = CrossModalityIdentitySampler(self.trainset.visible.labels, self.trainset.infrared.labels,
-                                                    s["num_ids"], s["num_pos"], seed=cfg["seed"], rank=self.rank,
-                                                    world_size=self.world_size)
+        try:
+            self.sampler = CrossModalityIdentitySampler(self.trainset.visible.labels, self.trainset.infrared.labels,
+                                                        s["num_ids"], s["num_pos"], seed=cfg["seed"], rank=self.rank,
+                                                        world_size=self.world_size)
+        except ValueError as error:  # a batch the training set cannot fill: a config value for this data
+            raise ConfigError(f"{error} (in {self.trainset.name} at {self.data_root})") from error
 
     def _check_data(self) -> None:
         """Rank 0 checks; every rank raises the same error (no rank left waiting at a barrier)."""
