@@ -47,7 +47,7 @@ def loop_update_(memory, features, labels, momentum):
 
 
 def vectorised_mean_update_(memory, features, labels, momentum):
-    """Seed 002 eq. 3 in vectorised PyTorch: class means by index_add, blend, re-normalise."""
+    """MCE (AAAI 2023) eq. 3 in vectorised PyTorch: class means by index_add, blend, re-normalise."""
     unique, inverse = torch.unique(labels, return_inverse=True)
     sums = features.new_zeros((len(unique), features.shape[1])).index_add_(0, inverse, features)
     counts = torch.bincount(inverse, minlength=len(unique)).unsqueeze(1).to(features.dtype)

@@ -29,7 +29,7 @@ TORCH_LIBRARY(reid_kernels, m) {
   // Whether this build compiled the CUDA kernels (setup.py: FORCE_CUDA / CUDA found).
   m.def("_has_cuda_kernels() -> bool", &has_cuda_kernels);
 
-  // ---- CMAlign family (LbA, seed 001, eqs. 1-7) --------------------------
+  // ---- CMAlign family (Learning by Aligning, ICCV 2021, eqs. 1-7) ---------------
   // Feature maps travel as (N, C, L) contiguous tensors, L = H*W positions.
   //
   // Person mask, eqs. 5-7: min-max normalised L2 norm over channels, (N, L).
@@ -56,7 +56,7 @@ TORCH_LIBRARY(reid_kernels, m) {
       "masked_dense_triplet_bwd(Tensor grad_loss, Tensor anchor, Tensor positive, Tensor negative, Tensor weight, "
       "float margin) -> (Tensor, Tensor, Tensor)");
 
-  // ---- Memory banks (seed 002 eq. 3, seed 004, cluster-contrast) ---------
+  // ---- Memory banks (MCE, AAAI 2023, eq. 3; PECA, IEICE 2024; cluster contrast) -
   // In-place momentum update of memory rows; mode is "sequential", "mean" or "hard".
   m.def(
       "memory_update_(Tensor(a!) memory, Tensor features, Tensor labels, float momentum, str update_mode, "

@@ -2,10 +2,10 @@
 
 Public operators (each has a plain-PyTorch twin in :mod:`reid_kernels.reference`):
 
-* :func:`person_mask`, :func:`soft_warp`, :func:`cmalign` -- LbA's CMAlign (seed 001);
+* :func:`person_mask`, :func:`soft_warp`, :func:`cmalign` -- LbA's CMAlign (Learning by Aligning, ICCV 2021);
 * :func:`lba_pairs` -- LbA's positive/negative partners within a batch;
 * :func:`masked_dense_triplet` -- LbA's dense triplet loss (eqs. 10-11);
-* :func:`memory_update_` -- momentum update of class-memory banks (seeds 002, 004).
+* :func:`memory_update_` -- momentum update of class-memory banks (MCE, AAAI 2023; PECA, IEICE 2024).
 
 Modules: :mod:`~reid_kernels.nn` (CMAlign, MemoryBank), :mod:`~reid_kernels.metrics`
 (CMC / mAP / mINP exactly as the community code), :mod:`~reid_kernels.protocols`

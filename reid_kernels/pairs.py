@@ -1,4 +1,4 @@
-"""Anchor/positive/negative pairing of an LbA batch (LbA official code, ALGORITHMS.md §2.5)."""
+"""Anchor/positive/negative pairing of an LbA batch (the released code of Learning by Aligning, ICCV 2021)."""
 from __future__ import annotations
 
 from typing import Optional, Tuple

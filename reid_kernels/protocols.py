@@ -552,7 +552,9 @@ def evaluate_sysu(
     ``features`` is a callable extractor or a mapping path -> feature (module
     docstring). ``trials`` is a count (``10`` -> trials 0..9) or explicit trial
     indices. Each image is extracted once. Returns a :class:`ProtocolTable` with
-    settings named ``"all / single-shot"`` etc.
+    settings named ``"all / single-shot"`` etc. A tree without the infrared queries or the
+    visible gallery a setting needs raises ``FileNotFoundError`` naming the root, the
+    cameras and the identities.
     """
     dataset = root if isinstance(root, SYSUMM01) else SYSUMM01(root)
     for mode in modes:
@@ -565,6 +567,7 @@ def evaluate_sysu(
 
     query = dataset.query()
     galleries = {(m, s, t): dataset.gallery(m, s, t, draw) for m in modes for s in shots for t in trial_ids}
+    _check_sysu_images(dataset, query, galleries)
     candidates = _union(list(galleries.values()))
     qf = _extract(features, query, "features (queries)")
     cf = _extract(features, candidates, "features (gallery)")
@@ -581,7 +584,7 @@ def evaluate_sysu(
             result = SettingResult(f"{mode} / {shot}-shot")
             for t in trial_ids:
                 gallery = galleries[(mode, shot, t)]
-                rows = torch.as_tensor([row_of[p] for p in gallery.paths], device=cf.device)
+                rows = torch.as_tensor([row_of[p] for p in gallery.paths], dtype=torch.int64, device=cf.device)
                 if shared is not None:
                     result.trials.append(evaluate_ranking(
                         shared.index_select(1, rows), query.pids, gallery.pids, query.cams, gallery.cams,
@@ -592,6 +595,34 @@ def evaluate_sysu(
                     postprocess=postprocess, dataset="sysu", mode=mode, shot=shot, max_rank=max_rank))
             settings.append(result)
     return ProtocolTable("SYSU-MM01", settings)
+
+
+def _ids_text(ids: Sequence[int], limit: int = 10) -> str:
+    ids = [int(i) for i in ids]
+    return ", ".join(map(str, ids[:limit])) + (f", ... ({len(ids)} in all)" if len(ids) > limit else "")
+
+
+def _check_sysu_images(dataset: SYSUMM01, query: Samples, galleries: Mapping[tuple, Samples]) -> None:
+    """A tree without the images a setting needs is an error naming the cameras and identities
+    (instead of an empty distance matrix or an index error further down)."""
+    ids = dataset.test_ids
+    where = f"SYSU-MM01 at {dataset.root!r}"
+    if not len(query):
+        raise FileNotFoundError(
+            f"{where}: no infrared query image: none of the {len(ids)} test identities of exp/test_id.txt "
+            f"({_ids_text(ids)}) has images in {', '.join(f'cam{c}/<id>/' for c in SYSU_QUERY_CAMS)}")
+    for (mode, shot, trial), gallery in galleries.items():
+        folders = ", ".join(f"cam{c}/<id>/" for c in SYSU_GALLERY_CAMS[mode])
+        if not len(gallery):
+            raise FileNotFoundError(
+                f"{where}: no visible gallery image for {mode}-search: none of the {len(ids)} test identities of "
+                f"exp/test_id.txt ({_ids_text(ids)}) has images in {folders}")
+        matched = np.intersect1d(query.pids, gallery.pids)
+        if not matched.size:
+            raise FileNotFoundError(
+                f"{where}: no test identity has both an infrared query and a visible gallery image for "
+                f"{mode}-search: identities {_ids_text(np.unique(query.pids))} have infrared images only, "
+                f"{_ids_text(np.unique(gallery.pids))} visible images ({folders}) only")
 
 
 def evaluate_regdb(

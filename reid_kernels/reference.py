@@ -2,7 +2,10 @@
 
 Written for clarity, not speed: each function is the oracle the kernels are
 tested against and the baseline the benchmarks measure.  Equation numbers
-refer to the papers in ``shared/seeds`` (see ``ALGORITHMS.md``).
+refer to the papers: Learning by Aligning (LbA, ICCV 2021), Cross-Modality Person
+Re-identification with Memory-Based Contrastive Embedding (MCE, AAAI 2023), Semantic
+Alignment and Affinity Inference (SAAI, ICCV 2023), Partial Enhancement and Channel
+Aggregation (PECA, IEICE 2024).
 
 Conventions shared with the kernels:
 
@@ -135,8 +138,8 @@ def cmalign(
 
 
 # ---- Memory banks ----
-# Seed 002 eq. 3 (class-mean momentum update), its released code's "hard" update,
-# and the per-sample loop of cluster-contrast-style code (seed 004 eq. 9 applied in
+# MCE (AAAI 2023) eq. 3 (class-mean momentum update), its released code's "hard" update,
+# and the per-sample loop of cluster-contrast-style code (PECA, IEICE 2024, eq. 9 applied in
 # batch order).  ``momentum`` weights the OLD row throughout.
 
 MEMORY_UPDATE_MODES = ("sequential", "mean", "hard")
@@ -148,7 +151,7 @@ def _memory_math_dtype(memory: torch.Tensor) -> torch.dtype:
 
 
 def _blend(row: torch.Tensor, sample: torch.Tensor, momentum: float) -> torch.Tensor:
-    """Seed 002 eq. 3: momentum * old row + (1 - momentum) * new sample."""
+    """MCE (AAAI 2023) eq. 3: momentum * old row + (1 - momentum) * new sample."""
     return momentum * row + (1 - momentum) * sample
 
 
@@ -170,9 +173,9 @@ def memory_update_(
     * ``"sequential"``: for i in batch order, ``m[y_i] = momentum*m[y_i] + (1-momentum)*f_i``,
       re-normalised after every sample when ``normalize``;
     * ``"mean"``: per distinct label y, ``m[y] = momentum*m[y] + (1-momentum)*mean_{i: y_i=y} f_i``
-      (seed 002 eq. 3), then re-normalised;
+      (MCE, AAAI 2023, eq. 3), then re-normalised;
     * ``"hard"``: per distinct label, the sample with the lowest dot product with the current
-      row (the first one on ties) replaces the mean (seed 002's released code).
+      row (the first one on ties) replaces the mean (MCE's released code).
 
     Computed in float32 (float64 for a float64 bank); each touched row is rounded back to the
     bank's dtype once, at the end.

@@ -149,3 +149,74 @@ def test_cuda_device_without_cuda_is_one_line(tmp_path, synth_root, capsys):
     code, err = run(["--config", "lba_synth", "--data-root", synth_root, "--out", str(tmp_path / "o"), *SMALL,
                      "train.device=cuda"], capsys)
     assert code == 2 and "train.device" in err and len(err.splitlines()) == 1
+
+
+def test_demo_refuses_in_one_line_and_leaves_user_files_alone(tmp_path, capsys, monkeypatch):
+    from training import demo
+
+    def refused(args, needle, code=2):
+        if code == "exit":
+            with pytest.raises(SystemExit) as info:
+                demo.main(args)
+            assert info.value.code == 2
+        else:
+            assert demo.main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1, err
+        return err
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes\n")
+    before = digest(mine)
+    err = refused(["--out", str(mine)], "--out")
+    assert str(mine) in err and "notes.txt" in err and digest(mine) == before
+    new = tmp_path / "new"
+    for args, needle in ((["--rows", "nope"], "--rows"), (["--seeds", "1,x"], "--seeds"),
+                         (["--epochs", "two"], "--epochs"), (["--bogus"], "--bogus")):
+        refused(["--out", str(new), *args], needle, code="exit")
+    assert refused(["--out", str(new), "train.epochz=1"], "train.epochz").startswith("config error:")
+    refused(["--out", str(new), "--config", "mce_synth", "--rows", "baseline"], "rows: unknown")
+    assert not new.exists()  # nothing written for a refused command
+    # a folder an earlier demo wrote is reused; one whose data/ holds the user's files is not written into
+    earlier = tmp_path / "earlier"
+    (earlier / "data").mkdir(parents=True)
+    (earlier / "baseline_seed0").mkdir()
+    (earlier / "results.md").write_text("| row |\n")
+    demo.check_out_folder(str(earlier))
+    (earlier / "data" / "mine.txt").write_text("mine\n")
+    before = digest(earlier)
+    refused(["--out", str(earlier)], "data.root")
+    assert digest(earlier) == before
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("an unexpected failure")
+
+    monkeypatch.setattr(demo, "run_demo", broken)
+    with pytest.raises(RuntimeError, match="an unexpected failure"):  # keeps its traceback
+        demo.main(["--out", str(tmp_path / "other")])
+
+
+def test_bad_arguments_are_one_line_in_every_cli(capsys):
+    from training.evaluate import main as evaluate_main
+    from training.synth import main as synth_main
+    from training.visualize import main as visualize_main
+
+    for main, args in ((train_main, ["--config"]), (train_main, []), (evaluate_main, ["--device", "tpu"]),
+                       (visualize_main, ["--site", "3"]), (synth_main, ["--ids", "many"])):
+        with pytest.raises(SystemExit) as info:
+            main(args)
+        err = capsys.readouterr().err.strip()
+        assert info.value.code == 2 and err.startswith("error: ") and len(err.splitlines()) == 1, err
+
+
+def test_a_batch_the_data_cannot_fill_and_an_out_file_are_one_line(tmp_path, synth_root, capsys):
+    out = tmp_path / "run"
+    code, err = run(["--config", "lba_synth", "--data-root", synth_root, "--out", str(out), *SMALL,
+                     "sampler.num_ids=500"], capsys)
+    assert code == 2 and err.startswith("config error: sampler.num_ids: 500") and len(err.splitlines()) == 1, err
+    assert err in open(out / "train.log").read()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    code, err = run(["--config", "lba_synth", "--data-root", synth_root, "--out", str(notes), *SMALL], capsys)
+    assert code == 2 and "--out" in err and "not a folder" in err and notes.read_text() == "mine\n"

@@ -206,7 +206,7 @@ def test_paper_pairing_of_the_mutual_information_term():
 
 
 def loop_update(row_bank, feats, labels, gamma, hard):
-    """Seed 002 eq. 3 (mean) or the code's hardest-sample rule, then re-normalisation, per label."""
+    """MCE (AAAI 2023) eq. 3 (mean) or the code's hardest-sample rule, then re-normalisation, per label."""
     bank = row_bank.clone()
     for label in labels.unique().tolist():
         mine = feats[labels == label]

@@ -1,4 +1,4 @@
-"""reid_kernels.memory_update_ against its plain-PyTorch reference (seed 002 eq. 3, seed 004 eq. 9).
+"""reid_kernels.memory_update_ against its plain-PyTorch reference (MCE, AAAI 2023, eq. 3; PECA, IEICE 2024, eq. 9).
 
 Tolerances: float32 banks 1e-6 (relative and absolute: rows are O(1) or unit-norm),
 float64 1e-12, float16/bfloat16 banks (CUDA) one rounding of the bank dtype.
@@ -93,7 +93,7 @@ def test_wide_rows_beyond_shared_memory(device):
 
 
 def test_sequential_closed_form(device):
-    """Without normalisation K samples of one label give g^K m + sum_t (1-g) g^(K-t) f_t (ALGORITHMS.md §5.4)."""
+    """Without normalisation K samples of one label give g^K m + sum_t (1-g) g^(K-t) f_t."""
     memory, features, labels = make_case(3, 10, [2, 2, 2, 2], device, dtype=torch.float64, unit=False)
     g = 0.2
     expected = g**4 * memory[2] + sum((1 - g) * g ** (4 - t) * features[t - 1] for t in range(1, 5))
@@ -121,7 +121,7 @@ def test_hard_picks_first_on_ties(device):
 
 def test_new_sample_convention(device):
     memory, features, labels = make_case(10, 12, [3, 3, 1], device)
-    alpha = 0.8  # seed 004: weight on the new sample
+    alpha = 0.8  # PECA (IEICE 2024): weight on the new sample
     new = reid_kernels.memory_update_(memory.clone(), features, labels, alpha, convention="new")
     old = reid_kernels.memory_update_(memory.clone(), features, labels, 1 - alpha, convention="old")
     torch.testing.assert_close(new, old, rtol=1e-6, atol=1e-7)

@@ -1,4 +1,4 @@
-"""reid_kernels.nn.MemoryBank: seed 002's banks and heads (eqs. 1-9), updates, state_dict, DDP."""
+"""reid_kernels.nn.MemoryBank: MCE's banks and heads (eqs. 1-9), updates, state_dict, DDP."""
 import os
 import tempfile
 import time
@@ -219,7 +219,7 @@ def _ddp_worker(rank, init_file, out_dir):
             ys = torch.randint(0, 4, (n,), generator=gen)  # heavy label overlap across ranks
             bank.update_("v", feats, ys)
             bank.update_("u", feats, ys)
-        # and once inside backward (seed 002's code path): the gather then runs in backward
+        # and once inside backward (MCE's code path): the gather then runs in backward
         feats = unit(4, DIM, seed=7000 + rank).requires_grad_(True)
         bank.contrast_loss(feats, torch.tensor([rank, 3, 3, rank]), "v", update_in_backward=True).backward()
         torch.save({n: bank.memory(n) for n in bank.names}, os.path.join(out_dir, f"rank{rank}.pt"))

@@ -42,7 +42,7 @@ DEFAULTS: Dict[str, Any] = {
                   "ir_invert": False},
     },
     "sampler": {"num_ids": 8, "num_pos": 4},
-    # Shared backbone options (ALGORITHMS.md §3.1, §5.1): 1-3 modality-specific stems, AGW
+    # Shared backbone options (MCE, AAAI 2023; PECA, IEICE 2024): 1-3 modality-specific stems, AGW
     # non-local blocks, GeM fixed or learnable; the BNNeck is always there.
     "model": {"depth": 50, "width": 64, "last_stride": 1, "stem_stride": 2, "maxpool": True, "stems": 2,
               "non_local": False, "mam": False, "gem_p": 3.0, "gem_learnable": False, "pretrained": None},

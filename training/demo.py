@@ -19,12 +19,17 @@ initialisation), mean ± std over seeds.
    visible gallery, all-search single-shot, mean over gallery draws) and prints
    mAP / Rank-1 / mINP and the wall time of each row;
 4. draws LbA-style correspondences of the full model (``<out>/correspondence.png``).
+
+``--out`` must be new, empty or a folder an earlier demo wrote (only ``data/``, ``<row>_seed<N>/``
+run folders and the results files in it): the demo never writes into a folder of the user's.
+A known failure (a bad argument, a foreign ``--out``, a bad config key, a dataset problem) is
+one line on stderr and exit status 2; an unexpected one keeps its traceback.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import re
 import sys
 import time
 import warnings
@@ -82,6 +87,26 @@ DEFAULT_ROWS_BY_RECIPE = {"lba": ("baseline", "ic", "ic_dt"), "mce": ("lw", "lw_
                           "saai": ("baseline", "parts", "all"), "pea": ("baseline", "all"), "peca": ("m1", "m6")}
 ROWS = LBA_ROWS  # the LbA demo's rows (kept under their old name)
 DEFAULT_ROWS = DEFAULT_ROWS_BY_RECIPE["lba"]
+# What a demo writes into --out; a folder holding anything else is the user's.
+DEMO_ENTRIES = ("data", "results.md", "results.json", "correspondence.png")
+ROW_FOLDER = re.compile(r"[A-Za-z0-9_]+_seed[0-9]+")
+
+
+class DemoError(ValueError):
+    """A demo argument or output folder the demo refuses; the message names it."""
+
+
+def check_out_folder(out: str) -> None:
+    """``out`` is new, empty or a previous demo's output; raises :class:`DemoError` otherwise."""
+    if not os.path.exists(out):
+        return
+    if not os.path.isdir(out):
+        raise DemoError(f"--out: {out} exists and is not a folder")
+    foreign = [name for name in sorted(os.listdir(out))
+               if name not in DEMO_ENTRIES and not (ROW_FOLDER.fullmatch(name) and os.path.isdir(os.path.join(out, name)))]
+    if foreign:
+        raise DemoError(f"--out: {out} is not empty and not a demo folder (it holds {foreign[0]!r}, which the demo "
+                        "does not write); name a new or empty folder")
 
 
 def run_demo(out: str, rows=None, config: str = "lba_synth", overrides: Optional[List[str]] = None,
@@ -90,11 +115,13 @@ def run_demo(out: str, rows=None, config: str = "lba_synth", overrides: Optional
     """Train and evaluate every row for every training seed (default: the config's seed)."""
     from .config import load_config
     from .data import load_trainset, resolve_data_root
+    from .data.check import check_dataset
     from .engine.loop import Trainer
     from .evaluate import evaluate
     from .recipes import build_model
     from .visualize import visualize
 
+    check_out_folder(out)
     start_all = time.time()
     base_updates = {"data.root": os.path.join(out, "data"), "train.eval_every": 0, "eval.final": True}
     base_updates.update(updates or {})
@@ -103,14 +130,16 @@ def run_demo(out: str, rows=None, config: str = "lba_synth", overrides: Optional
     rows = tuple(rows or DEFAULT_ROWS_BY_RECIPE[cfg0["recipe"]])
     unknown = [r for r in rows if r not in table_rows]
     if unknown:
-        raise ValueError(f"rows: unknown {unknown} for recipe {cfg0['recipe']!r}; expected among {list(table_rows)}")
+        raise DemoError(f"rows: unknown {unknown} for recipe {cfg0['recipe']!r}; expected among {list(table_rows)}")
     visualise = visualise and cfg0["recipe"] == "lba"  # the figure draws CMAlign's correspondences
     seeds = list(seeds) or [cfg0["seed"]]
     torch.set_num_threads(cfg0["train"]["threads"] or torch.get_num_threads())
     t = time.time()
     root = resolve_data_root(cfg0, generate=True, log=log)
     data_seconds = time.time() - t
-    num_classes = load_trainset("synth", root).num_classes
+    trainset = load_trainset("synth", root)
+    log(check_dataset("synth", root, trainset, cfg0["eval"]["modes"]))  # once: every row reads the same data
+    num_classes = trainset.num_classes
     runs: List[Dict[str, object]] = []
     full_model = None
     for seed in seeds:
@@ -130,7 +159,7 @@ def run_demo(out: str, rows=None, config: str = "lba_synth", overrides: Optional
             t = time.time()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                trainer = Trainer(cfg, out=os.path.join(out, f"{key}_seed{seed}"), quiet=False)
+                trainer = Trainer(cfg, out=os.path.join(out, f"{key}_seed{seed}"), quiet=False, check_data=False)
             try:
                 result = trainer.fit()
             finally:
@@ -217,8 +246,13 @@ def paired_differences(runs, keys) -> List[str]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="runs/demo")
+    from .cli import parser as cli_parser
+    from .config import ConfigError
+    from .data import DatasetError
+    from .engine.checkpoint import CheckpointError
+
+    parser = cli_parser("demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/demo", help="a new or empty folder, or an earlier demo's")
     parser.add_argument("--config", default="lba_synth", help="base config (default: lba_synth)")
     parser.add_argument("--rows", default=None,
                         help=f"comma-separated rows: LbA among {', '.join(LBA_ROWS)} (default "
@@ -232,7 +266,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--data-seed", type=int, default=None, help="synthetic data seed")
     parser.add_argument("--no-figure", action="store_true")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value for every row")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None
     known = {**LBA_ROWS, **MCE_ROWS, **SAAI_ROWS, **PEA_ROWS, **PECA_ROWS}
     unknown = [r for r in rows or () if r not in known]
@@ -249,8 +283,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else []
     except ValueError:
         parser.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
-    result = run_demo(args.out, rows, args.config, args.overrides, updates, visualise=not args.no_figure,
-                      seeds=seeds)
+    try:
+        result = run_demo(args.out, rows, args.config, args.overrides, updates, visualise=not args.no_figure,
+                          seeds=seeds)
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
+    except (CheckpointError, DatasetError, DemoError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print()
     print(result["table"])
     if result["figure"]:

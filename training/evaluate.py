@@ -13,7 +13,6 @@ CLI: ``python -m training.evaluate --checkpoint run/final.pt [--data-root DIR] [
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -124,17 +123,21 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         return _main(argv)
-    except (CheckpointError, ConfigError, DatasetError, FileNotFoundError) as error:
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
+    except (CheckpointError, DatasetError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
 
 def _main(argv: Optional[List[str]] = None) -> int:
+    from .cli import parser as cli_parser
     from .config import flatten, load_config
     from .data import resolve_data_root
     from .engine.checkpoint import load_model_from_checkpoint, read_checkpoint
 
-    parser = argparse.ArgumentParser(description="Evaluate a checkpoint on its dataset's test protocol.")
+    parser = cli_parser("evaluate", description="Evaluate a checkpoint on its dataset's test protocol.")
     parser.add_argument("--checkpoint", required=True, help="a checkpoint written by training.train")
     parser.add_argument("--data-root", default=None, help="dataset folder (default: the one in the checkpoint)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))

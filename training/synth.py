@@ -21,7 +21,6 @@ Everything is a deterministic function of ``--seed``.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -429,7 +428,9 @@ def generate(out: str, cfg: SynthConfig, progress: bool = False) -> Dict[str, in
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from .cli import parser as cli_parser
+
+    parser = cli_parser("synth", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output folder (SYSU-MM01 layout)")
     defaults = SynthConfig()
     parser.add_argument("--ids", type=int, default=defaults.ids, help="number of identities")

@@ -8,20 +8,29 @@
 ``key=value`` overrides any config key (``train.epochs=5 loss.sites=[5]``), anywhere on the
 command line. A folder that already holds a run (``final.pt`` or ``last.pt``) is not reused
 without ``--resume`` (continue it) or ``--overwrite`` (replace it).
+
+Before the first step the dataset is checked (every image decodes, every test identity has
+both modalities the protocol needs; :mod:`training.data.check`); ``--skip-data-check``
+skips that for huge trees. A known failure is one line on stderr, ``error: ...`` or
+``config error: ...``, exit status 2; once the run folder exists that line, like everything
+the run prints (warnings included), is in ``<out>/train.log`` too. An unexpected failure
+keeps its traceback (also in ``train.log``).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import traceback
 from typing import List, Optional
 
+from .cli import parser as cli_parser
 from .config import ConfigError, load_config
 
 
 def parse_args(argv: Optional[List[str]] = None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = cli_parser("train", description=__doc__.split("\n\n")[0],
+                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--config", required=True,
                         help="YAML file or built-in config name: lba_*, mce_*, saai_*, pea_* with * synth, sysu, regdb")
     parser.add_argument("--data-root", default=None, help="dataset folder (overrides data.root)")
@@ -30,6 +39,8 @@ def parse_args(argv: Optional[List[str]] = None):
     parser.add_argument("--resume", nargs="?", const="auto", default=None,
                         help="continue from a checkpoint (default: <out>/last.pt)")
     parser.add_argument("--overwrite", action="store_true", help="replace the run already in the output folder")
+    parser.add_argument("--skip-data-check", action="store_true",
+                        help="do not decode every image and check the test split before training (huge trees)")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value (anywhere on the command line)")
     args = parser.parse_intermixed_args(argv)
     # `--resume key=value`: argparse took the override for a checkpoint path
@@ -46,6 +57,12 @@ def _existing_run(out: str) -> Optional[str]:
     return None
 
 
+def _refuse(message: str) -> int:
+    """A known failure before the run folder exists: one line on stderr, exit status 2."""
+    print(message, file=sys.stderr)
+    return 2
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     updates = {}
@@ -58,49 +75,60 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides, updates=updates)
     except ConfigError as error:
-        print(f"config error: {error}", file=sys.stderr)
-        return 2
-    from .data import DatasetError
-    from .engine.loop import Trainer
-
+        return _refuse(f"config error: {error}")
     import torch
 
     if cfg["train"]["device"] == "cuda" and not torch.cuda.is_available():
-        print("train.device: 'cuda' asked for, but no CUDA device is available (use train.device=cpu or auto)",
-              file=sys.stderr)
-        return 2
+        return _refuse("train.device: 'cuda' asked for, but no CUDA device is available "
+                       "(use train.device=cpu or auto)")
     pretrained = cfg["model"]["pretrained"]
     if pretrained and not os.path.isfile(pretrained):
-        print(f"--pretrained: file not found: {pretrained} (nothing is ever downloaded)", file=sys.stderr)
-        return 2
+        return _refuse(f"--pretrained: file not found: {pretrained} (nothing is ever downloaded)")
     resume = None
     if args.resume:
         resume = os.path.join(cfg["out"], "last.pt") if args.resume == "auto" else args.resume
         if not os.path.isfile(resume):
-            print(f"--resume: checkpoint not found: {resume}", file=sys.stderr)
-            return 2
-    elif not args.overwrite and (existing := _existing_run(cfg["out"])):
-        print(f"--out: {cfg['out']} already holds a run ({existing}); pass --resume to continue "
-              "it, --overwrite to replace it, or choose another --out", file=sys.stderr)
-        return 2
-    try:
-        trainer = Trainer(cfg)
-    except (DatasetError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    from .engine.checkpoint import CheckpointError
+            return _refuse(f"--resume: checkpoint not found: {resume}")
+    if os.path.exists(cfg["out"]) and not os.path.isdir(cfg["out"]):
+        return _refuse(f"--out: {cfg['out']} exists and is not a folder")
+    if not args.resume and not args.overwrite and (existing := _existing_run(cfg["out"])):
+        return _refuse(f"--out: {cfg['out']} already holds a run ({existing}); pass --resume to continue "
+                       "it, --overwrite to replace it, or choose another --out")
+    return _run(cfg, resume, check_data=not args.skip_data_check)
 
+
+def _run(cfg: dict, resume: Optional[str], check_data: bool) -> int:
+    """Train with the run's logger in place: from here on every line also goes to train.log."""
+    from .data import DatasetError
+    from .engine.checkpoint import CheckpointError
+    from .engine.distributed import distributed_env
+    from .engine.logs import close_logger, file_only, make_logger, warnings_to
+    from .engine.loop import Trainer
+
+    log = make_logger(cfg["out"], distributed_env()[0])
     try:
-        result = trainer.fit(resume=resume)
-    except CheckpointError as error:
-        print(f"error: {error}", file=sys.stderr)
+        with warnings_to(log):
+            trainer = Trainer(cfg, check_data=check_data, log=log)
+            try:
+                result = trainer.fit(resume=resume)
+            finally:
+                trainer.close()
+        if result["eval"] and trainer.rank == 0:
+            s = result["eval"]["summary"]
+            log.info(f"final {s['setting']}: mAP {100 * s['mAP']:.2f}  R1 {100 * s['R1']:.2f}  "
+                     f"mINP {100 * s['mINP']:.2f}")
+        return 0
+    except ConfigError as error:
+        log.error(f"config error: {error}")
         return 2
+    except (CheckpointError, DatasetError, FileNotFoundError) as error:
+        log.error(f"error: {error}")
+        return 2
+    except BaseException:
+        file_only(log, traceback.format_exc().rstrip())
+        raise
     finally:
-        trainer.close()
-    if result["eval"] and trainer.rank == 0:
-        s = result["eval"]["summary"]
-        print(f"final {s['setting']}: mAP {100 * s['mAP']:.2f}  R1 {100 * s['R1']:.2f}  mINP {100 * s['mINP']:.2f}")
-    return 0
+        close_logger(log)
 
 
 if __name__ == "__main__":

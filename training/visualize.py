@@ -12,7 +12,6 @@ For a visible and an infrared image of the same person, draws (PNG, with PIL):
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import List, Optional, Tuple
@@ -116,7 +115,10 @@ def pick_pair(root: str, pid: Optional[int] = None, seed: int = 0) -> Tuple[str,
         rgb, ir = images((1, 2, 4, 5)), images((3, 6))
         if rgb and ir:
             return rgb[int(rng.integers(len(rgb)))], ir[int(rng.integers(len(ir)))], int(candidate)
-    raise ValueError(f"pid: no test identity with both visible and infrared images under {root}")
+    from .data import DatasetError
+
+    raise DatasetError(f"--pid: no test identity {'' if pid is None else f'{pid} '}with both visible and infrared "
+                       f"images under {root}")
 
 
 def visualize(model, root: str, cfg: dict, out_path: str, pid: Optional[int] = None, pairs: int = 3,
@@ -142,11 +144,12 @@ def visualize(model, root: str, cfg: dict, out_path: str, pid: Optional[int] = N
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .config import flatten, load_config
-    from .data import resolve_data_root
-    from .engine.checkpoint import load_model_from_checkpoint
+    from .cli import parser as cli_parser
+    from .config import ConfigError
+    from .data import DatasetError
+    from .engine.checkpoint import CheckpointError
 
-    parser = argparse.ArgumentParser(description="Draw LbA-style correspondences of a trained model.")
+    parser = cli_parser("visualize", description="Draw LbA-style correspondences of a trained model.")
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--pid", type=int, default=None, help="test identity (default: random ones)")
@@ -156,26 +159,29 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.pairs < 1:
         parser.error(f"--pairs: expected at least 1 pair to draw, got {args.pairs}")
-    from .data import DatasetError
-    from .engine.checkpoint import CheckpointError, read_checkpoint
-
     try:
-        state = read_checkpoint(args.checkpoint)
-    except CheckpointError as error:
-        print(f"error: {error}", file=sys.stderr)
+        path = _draw(args)
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
         return 2
-    cfg = load_config(None, updates=flatten(state["config"]))
-    if args.data_root:
-        cfg["data"]["root"] = args.data_root
-    model = load_model_from_checkpoint(state, cfg)
-    try:
-        path = visualize(model, resolve_data_root(cfg, generate=False), cfg, args.out, args.pid, args.pairs,
-                         args.site)
-    except (DatasetError, FileNotFoundError) as error:
+    except (CheckpointError, DatasetError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {path}")
     return 0
+
+
+def _draw(args) -> str:
+    from .config import flatten, load_config
+    from .data import resolve_data_root
+    from .engine.checkpoint import load_model_from_checkpoint, read_checkpoint
+
+    state = read_checkpoint(args.checkpoint)
+    cfg = load_config(None, updates=flatten(state["config"]))
+    if args.data_root:
+        cfg["data"]["root"] = args.data_root
+    model = load_model_from_checkpoint(state, cfg)
+    return visualize(model, resolve_data_root(cfg, generate=False), cfg, args.out, args.pid, args.pairs, args.site)
 
 
 if __name__ == "__main__":

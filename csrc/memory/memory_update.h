@@ -2,7 +2,7 @@
 //
 // memory_update_(memory (R, D), features (B, D), labels (B,) int64, momentum, mode, normalize)
 // updates the rows memory[labels[i]] in place; momentum weights the OLD row
-// (seed 002 eq. 3).  Modes (reference: reid_kernels/reference.py, "Memory banks"):
+// (MCE, AAAI 2023, eq. 3).  Modes (reference: reid_kernels/reference.py, "Memory banks"):
 //   sequential  for i in batch order: m[y_i] = mom*m[y_i] + (1-mom)*f_i, re-normalised after each sample;
 //   mean        per distinct label y: m[y] = mom*m[y] + (1-mom)*mean_{i: y_i=y} f_i, then re-normalised;
 //   hard        per distinct label y: the sample with the lowest dot product with the current row

@@ -5,7 +5,7 @@ visible and ``K`` infrared images (drawn with replacement, as that code does), l
 identity-major and in the same identity order in both halves -- the layout
 :func:`reid_kernels.lba_pairs` assumes. An epoch has
 ``floor(max(#visible, #infrared) / (P*K)) + 1`` batches, as the community code's
-``IdentitySampler`` (ALGORITHMS.md §2.8, §7).
+``IdentitySampler`` (the released code of AGW, TPAMI 2021, which LbA and MCE reuse).
 
 The sampler yields *slots* ``(visible_index, infrared_index, augmentation_seed)``;
 ``P*K`` consecutive slots form one batch. The draws are a pure function of

@@ -1,26 +1,71 @@
-"""``train.log`` and the console, TensorBoard scalars, progress bars."""
+"""``train.log`` and the console, TensorBoard scalars, progress bars.
+
+Everything a run prints goes through its logger, so ``train.log`` holds what the console
+showed: information on stdout, warnings and ``error: ...`` lines on stderr, all of them in
+the file (with the time). Python warnings raised during a run are routed there too
+(:func:`warnings_to`), and an unexpected exception's traceback is added to the file
+(:func:`file_only`) while Python prints it as usual.
+"""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
-from typing import Dict, Optional
+import warnings
+from typing import Dict, Iterator, Optional
+
+
+class _BelowWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.WARNING
 
 
 def make_logger(out: Optional[str], rank: int) -> logging.Logger:
+    """Rank 0: information to stdout, warnings and errors to stderr, all to ``<out>/train.log``
+    (appended: a resumed run continues its log). Other ranks: warnings and errors to stderr."""
     logger = logging.getLogger(f"training.{out}.{rank}")
-    logger.handlers.clear()
+    close_logger(logger)
     logger.propagate = False
     logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    console = logging.StreamHandler(sys.stdout)
-    console.setFormatter(logging.Formatter("%(message)s"))
-    logger.addHandler(console)
+    plain = logging.Formatter("%(message)s")
+    info = logging.StreamHandler(sys.stdout)
+    info.addFilter(_BelowWarning())
+    problems = logging.StreamHandler(sys.stderr)
+    problems.setLevel(logging.WARNING)
+    for handler in (info, problems):
+        handler.setFormatter(plain)
+        logger.addHandler(handler)
     if out and rank == 0:
         os.makedirs(out, exist_ok=True)
         handler = logging.FileHandler(os.path.join(out, "train.log"))
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
     return logger
+
+
+def file_only(logger: logging.Logger, text: str) -> None:
+    """``text`` into the logger's files only (a traceback Python prints to the console anyway)."""
+    record = logger.makeRecord(logger.name, logging.ERROR, "", 0, text, None, None)
+    for handler in logger.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+@contextlib.contextmanager
+def warnings_to(logger: logging.Logger) -> Iterator[None]:
+    """Python warnings shown inside the block become one ``warning: ...`` line of ``logger``
+    (so they reach ``train.log``); the filters still decide which are shown."""
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        logger.warning(f"warning: {message} ({category.__name__}, {os.path.basename(filename)}:{lineno})")
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
 
 
 def null_logger() -> logging.Logger:

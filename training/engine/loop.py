@@ -10,6 +10,7 @@ needs, computes the losses and runs its own hooks.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from typing import Dict, Optional
@@ -17,9 +18,10 @@ from typing import Dict, Optional
 import torch
 from torch.utils.data import DataLoader
 
-from ..config import dump
-from ..data import (CrossModalityIdentitySampler, ImageCache, ModalityDataset, build_train_transform, collate_batch,
-                    load_trainset, resolve_data_root)
+from ..config import ConfigError, dump
+from ..data import (CrossModalityIdentitySampler, DatasetError, ImageCache, ModalityDataset, build_train_transform,
+                    collate_batch, load_trainset, resolve_data_root)
+from ..data.check import check_dataset
 from ..evaluate import evaluate
 from ..features import extract_features
 from ..recipes import TrainContext, build_model, recipe_class
@@ -30,12 +32,20 @@ from .schedule import EpochSchedule, build_optimizer
 
 
 class Trainer:
-    def __init__(self, cfg: dict, out: Optional[str] = None, quiet: bool = False):
+    """One training run. ``log``: the run's logger (default: a new one writing ``<out>/train.log``;
+    ``quiet`` silences it); ``check_data``: decode every image and check the test split before
+    training (:mod:`training.data.check`)."""
+
+    def __init__(self, cfg: dict, out: Optional[str] = None, quiet: bool = False, check_data: bool = True,
+                 log: Optional[logging.Logger] = None):
         self.cfg = cfg
         self.out = out or cfg["out"]
         self.rank, self.world_size, self.local_rank = distributed.distributed_env()
-        self.log = make_logger(self.out, self.rank) if not quiet else null_logger()
+        self._owns_log = log is None  # a logger handed in is its owner's to close
+        self.log = log or (make_logger(self.out, self.rank) if not quiet else null_logger())
+        self.check_data = check_data
         t = cfg["train"]
+        self.log.info(banner(cfg, self.out, self.world_size))
         if t["threads"]:
             torch.set_num_threads(t["threads"])
         self.device = distributed.pick_device(t["device"], self.local_rank)
@@ -79,10 +89,29 @@ class Trainer:
         d = cfg["data"]
         self.trainset = load_trainset(d["dataset"], self.data_root, d["trial"])
         self.log.info(self.trainset.summary())
+        if self.check_data:
+            self._check_data()
         s = cfg["sampler"]
-        self.sampler = CrossModalityIdentitySampler(self.trainset.visible.labels, self.trainset.infrared.labels,
-                                                    s["num_ids"], s["num_pos"], seed=cfg["seed"], rank=self.rank,
-                                                    world_size=self.world_size)
+        try:
+            self.sampler = CrossModalityIdentitySampler(self.trainset.visible.labels, self.trainset.infrared.labels,
+                                                        s["num_ids"], s["num_pos"], seed=cfg["seed"], rank=self.rank,
+                                                        world_size=self.world_size)
+        except ValueError as error:  # a batch the training set cannot fill: a config value for this data
+            raise ConfigError(f"{error} (in {self.trainset.name} at {self.data_root})") from error
+
+    def _check_data(self) -> None:
+        """Rank 0 checks; every rank raises the same error (no rank left waiting at a barrier)."""
+        d = self.cfg["data"]
+        problem = None
+        if self.rank == 0:
+            try:
+                self.log.info(check_dataset(d["dataset"], self.data_root, self.trainset, self.cfg["eval"]["modes"],
+                                            d["trial"]))
+            except DatasetError as error:
+                problem = str(error)
+        problem = distributed.gather_objects(problem, self.world_size)[0]
+        if problem:
+            raise DatasetError(problem)
 
     def _build_loader(self) -> None:
         d = self.cfg["data"]
@@ -259,4 +288,15 @@ class Trainer:
 
     def close(self) -> None:
         distributed.destroy(self.world_size)
-        close_logger(self.log)
+        if self._owns_log:
+            close_logger(self.log)
+
+
+def banner(cfg: dict, out: str, world_size: int) -> str:
+    """The run's first log line: what trains on what, where it writes (the whole config is in
+    ``<out>/config.yaml``)."""
+    d, m, t = cfg["data"], cfg["model"], cfg["train"]
+    return (f"run: recipe {cfg['recipe']}, dataset {d['dataset']} at {d['root'] or '(generated)'}, "
+            f"{d['height']}x{d['width']}, ResNet-{m['depth']} width {m['width']}, "
+            f"pretrained {m['pretrained'] or 'none'}, epochs {t['epochs']}, seed {cfg['seed']}, device {t['device']}, "
+            f"{world_size} process(es), out {out}")
