@@ -93,13 +93,17 @@ def parse_list(flag: str, text: str, choices) -> List[str]:
 
 
 def implementations(names, compile_backend: str = "inductor") -> Dict[str, Callable]:
-    """``compile_backend="eager"`` traces with dynamo but skips inductor's code generation (a smoke run)."""
+    """``compile_backend="eager"`` traces with dynamo but skips inductor's code generation (a smoke run).
+
+    ``dynamic=False``: each case's shape gets its own static graph, as a training run with one
+    fixed shape would (dynamo's automatic dynamic shapes would otherwise time a symbolic-shape
+    graph from the second case on)."""
     table = {}
     for name in names:
         if name == "eager":
             table[name] = reference.cmalign
         elif name == "compile":
-            table[name] = torch.compile(reference.cmalign, backend=compile_backend)
+            table[name] = torch.compile(reference.cmalign, backend=compile_backend, dynamic=False)
         else:
             table[name] = reid_kernels.cmalign
     return table

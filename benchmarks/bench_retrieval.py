@@ -415,8 +415,9 @@ def main(argv=None) -> int:
     for name in chosen:
         out = CASES[name](args)
         results.extend(out if isinstance(out, list) else [out])
+        if args.json:  # after every case: a run stopped at a deadline keeps the cases it finished
+            write_json(args.json, {**meta, "results": results, "cases_done": chosen[: chosen.index(name) + 1]})
     if args.json:
-        write_json(args.json, {**meta, "results": results})
         print(f"\nwrote {args.json}")
     return 0
 
