@@ -247,7 +247,14 @@ def main(argv=None) -> int:
         print("gpu_check_driver: --device cuda needs a GPU and the CUDA build of reid_kernels", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    records = [run_call(call, device, args.seed + i, not args.no_reference) for i, call in enumerate(plan(device))]
+    calls = plan(device)
+    records = []
+    for i, call in enumerate(calls):
+        records.append(run_call(call, device, args.seed + i, not args.no_reference))
+        # One line per call: a run stopped at its deadline (a slow sanitizer) shows how far it got.
+        extra = " ".join(f"{k}={call[k]}" for k in ("mode", "normalize") if k in call)
+        print(f"  [{i + 1}/{len(calls)}] {call['op']} {call['dtype']} {call['env'] or ''} {extra} "
+              f"{'ok' if records[-1]['ok'] else 'FAILED'} {records[-1]['seconds']:.2f} s", flush=True)
     failed = [r for r in records if not r["ok"] or not r.get("finite", True)]
     payload = {"device": str(device), "calls": len(records), "failed": len(failed),
                "seconds": time.perf_counter() - start, "max_rel_error": summarise(records), "records": records}
