@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.reid_kernels-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 
-.PHONY: install demo test bench cuda-check clean
+.PHONY: install demo test bench cuda-check gpu-check gpu-check-dry clean
 
 install: $(STAMP)
 
@@ -33,6 +33,22 @@ bench: install
 # Compile + link the CUDA kernels (needs nvcc, not a GPU); see .ci/cuda_check.sh.
 cuda-check:
 	bash .ci/cuda_check.sh
+
+# The GPU proof, on a machine with a GPU, nvcc and compute-sanitizer (a lent H100/H200): builds
+# the CUDA kernels for sm_90 in place, runs the CUDA tests, memcheck and racecheck, the benchmarks,
+# and writes JSON under OUT_DIR (default benchmarks/results/gpu/<date>/) in under 8 minutes.
+# It uses that machine's python3 (its torch), not .venv.  COMMIT: the commit being checked (a lent
+# machine gets the working tree without .git).  See scripts/gpu_check.py.
+GPU_PYTHON ?= python3
+OUT_DIR ?=
+COMMIT ?=
+gpu-check:
+	$(GPU_PYTHON) scripts/gpu_check.py $(if $(OUT_DIR),--out-dir "$(OUT_DIR)") $(if $(COMMIT),--commit "$(COMMIT)")
+
+# The same script on a CPU machine, without the GPU parts (what CI runs): the pytest selection,
+# the kernel driver and the benchmarks on the CPU at tiny sizes, the JSON and its schema check.
+gpu-check-dry: install
+	$(BIN)/python scripts/gpu_check.py --dry-run $(if $(OUT_DIR),--out-dir "$(OUT_DIR)")
 
 clean:
 	rm -rf build $(VENV) reid_kernels/*.so *.egg-info

@@ -10,14 +10,21 @@ from ``lba_pairs(num_ids, num_pos)``, ``N = 2 * num_ids * num_pos`` maps --
   gradient paths LbA uses: the dense triplet loss and the ID-consistency loss on
   the positive reconstruction).
 
-Cases: LbA's two CMAlign sites (N = 64, C = 1024 and C = 2048, 18 x 9 maps), then
-a sweep over map sizes (18 x 9, 36 x 18, 72 x 36; smaller N / C at the larger
-sizes on the CPU so the reference finishes).  Times are medians of ``--repeat``
-calls after ``--warmup`` (compilation happens in the warm-up).  Peak memory: see
-``_common.MEMORY_NOTES`` (printed with the table).
+Cases (``--cases``, comma-separated): ``lba`` -- LbA's two CMAlign sites (N = 64,
+C = 1024 and C = 2048, 18 x 9 maps); ``sweep`` -- map sizes 18 x 9, 36 x 18, 72 x 36
+(smaller N / C at the larger sizes on the CPU so the reference finishes); ``72x36``
+-- the sweep's 72 x 36 case alone; ``all`` = ``lba,sweep``.  Times are medians of
+``--repeat`` calls after ``--warmup`` (compilation happens in the warm-up).  Peak
+memory: see ``_common.MEMORY_NOTES`` (printed with the table).  ``--dtypes`` runs
+several dtypes in one process (``--compile-dtypes`` limits which of them also time
+``torch.compile``, whose compilation dominates a short run); ``--check`` adds, per
+case and dtype, the error of each implementation against the reference computed in
+float64 on the same inputs (outputs and the gradient of the features).
 
     python benchmarks/bench_cmalign.py --device cpu --quick
     python benchmarks/bench_cmalign.py --device cuda --dtype float32 --json results/cmalign_cuda.json
+    python benchmarks/bench_cmalign.py --device cuda --dtypes float32,float16,bfloat16 --compile-dtypes float32 \
+        --cases lba,72x36 --check --json out.json      # what scripts/gpu_check.py runs
 """
 from __future__ import annotations
 
@@ -57,7 +64,11 @@ class Case:
         return f"{self.name} N={self.batch} C={self.channels} {self.height}x{self.width}"
 
 
+CASE_GROUPS = ("lba", "sweep", "72x36", "all")
+
+
 def cases_for(device: torch.device, quick: bool, which: str = "all") -> List[Case]:
+    """The cases of the comma-separated groups in ``which`` (tiny ones with ``quick``)."""
     if quick:
         return [Case("quick", 2, 2, 32, 6, 3), Case("quick", 2, 2, 32, 12, 6)]
     lba = [Case("LbA conv4", 8, 4, 1024, 18, 9), Case("LbA conv5", 8, 4, 2048, 18, 9)]
@@ -65,16 +76,34 @@ def cases_for(device: torch.device, quick: bool, which: str = "all") -> List[Cas
         sweep = [Case("sweep", 8, 4, 512, 18, 9), Case("sweep", 8, 4, 512, 36, 18), Case("sweep", 8, 4, 256, 72, 36)]
     else:
         sweep = [Case("sweep", 8, 4, 256, 18, 9), Case("sweep", 2, 4, 256, 36, 18), Case("sweep", 2, 1, 128, 72, 36)]
-    return {"lba": lba, "sweep": sweep, "all": lba + sweep}[which]
+    groups = {"lba": lba, "sweep": sweep, "72x36": sweep[-1:], "all": lba + sweep}
+    chosen: List[Case] = []
+    for group in parse_list("--cases", which, CASE_GROUPS):
+        chosen += [case for case in groups[group] if case not in chosen]
+    return chosen
 
 
-def implementations(names) -> Dict[str, Callable]:
+def parse_list(flag: str, text: str, choices) -> List[str]:
+    """A comma-separated list of names from ``choices`` (SystemExit naming the flag otherwise)."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in choices]
+    if unknown or not names:
+        raise SystemExit(f"{flag}: expected a comma-separated subset of {', '.join(choices)}, got {text!r}")
+    return names
+
+
+def implementations(names, compile_backend: str = "inductor") -> Dict[str, Callable]:
+    """``compile_backend="eager"`` traces with dynamo but skips inductor's code generation (a smoke run).
+
+    ``dynamic=False``: each case's shape gets its own static graph, as a training run with one
+    fixed shape would (dynamo's automatic dynamic shapes would otherwise time a symbolic-shape
+    graph from the second case on)."""
     table = {}
     for name in names:
         if name == "eager":
             table[name] = reference.cmalign
         elif name == "compile":
-            table[name] = torch.compile(reference.cmalign)
+            table[name] = torch.compile(reference.cmalign, backend=compile_backend, dynamic=False)
         else:
             table[name] = reid_kernels.cmalign
     return table
@@ -103,10 +132,11 @@ def step_fn(fn: Callable, feat: torch.Tensor, pos_idx, neg_idx, mode: str) -> Ca
 
 def measure(case: Case, impls: Dict[str, Callable], args, device, dtype) -> List[dict]:
     feat, pos_idx, neg_idx = make_inputs(case, device, dtype)
+    dtype_name = str(dtype).replace("torch.", "")
     rows = []
     for impl, fn in impls.items():
         for mode in MODES:
-            row = dict(**asdict(case), batch=case.batch, impl=impl, mode=mode)
+            row = dict(**asdict(case), batch=case.batch, label=case.label, dtype=dtype_name, impl=impl, mode=mode)
             step = step_fn(fn, feat, pos_idx, neg_idx, mode)
             try:
                 times = _common.time_runs(step, device, args.repeat, args.warmup, args.clock)
@@ -116,7 +146,49 @@ def measure(case: Case, impls: Dict[str, Callable], args, device, dtype) -> List
                 row.update(median_s=None, times_s=[], peak_bytes=None, error=f"{type(error).__name__}: {error}")
                 print(f"  {case.label} {impl} {mode}: {row['error']}", file=sys.stderr)
             rows.append(row)
-            print(f"  {case.label:36s} {impl:13s} {mode:8s} {_common.fmt_ms(row['median_s'])} ms", flush=True)
+            print(f"  {case.label:36s} {dtype_name:9s} {impl:13s} {mode:8s} {_common.fmt_ms(row['median_s'])} ms",
+                  flush=True)
+    return rows
+
+
+OUTPUTS = ("recon_pos", "recon_neg", "comask", "loss", "grad_feat")
+
+
+def forward_backward_outputs(fn: Callable, feat: torch.Tensor, pos_idx, neg_idx) -> Dict[str, torch.Tensor]:
+    """One training step's outputs and the gradient of the features (as ``fwd+bwd`` times it)."""
+    leaf = feat.detach().requires_grad_()
+    out = fn(leaf, pos_idx, neg_idx)
+    (out.loss + out.recon_pos.mean()).backward()
+    return {"recon_pos": out.recon_pos, "recon_neg": out.recon_neg, "comask": out.comask, "loss": out.loss,
+            "grad_feat": leaf.grad}
+
+
+def accuracy(case: Case, impls: Dict[str, Callable], device, dtype) -> List[dict]:
+    """Per implementation: ||out - ref|| / ||ref|| and max |out - ref| of every output against the
+    reference in float64 on the same (rounded) inputs."""
+    feat, pos_idx, neg_idx = make_inputs(case, device, dtype)
+    ref = forward_backward_outputs(reference.cmalign, feat.double(), pos_idx, neg_idx)
+    ref = {name: value.detach().double() for name, value in ref.items()}
+    rows = []
+    for impl, fn in impls.items():
+        if impl == "compile":
+            continue  # inductor's rounding is the reference's; the eager row stands for it
+        row = dict(name=case.name, label=case.label, batch=case.batch, channels=case.channels, height=case.height,
+                   width=case.width, dtype=str(dtype).replace("torch.", ""), impl=impl)
+        try:
+            ours = forward_backward_outputs(fn, feat, pos_idx, neg_idx)
+            for name in OUTPUTS:
+                diff = ours[name].detach().double() - ref[name]
+                scale = float(ref[name].norm())
+                row[f"max_rel_{name}"] = float(diff.norm()) / scale if scale > 0 else float(diff.norm())
+                row[f"max_abs_{name}"] = float(diff.abs().max())
+            row["finite"] = all(bool(torch.isfinite(ours[name]).all()) for name in OUTPUTS)
+        except Exception as error:  # keep going, as measure() does
+            row["error"] = f"{type(error).__name__}: {error}"
+        rows.append(row)
+        print(f"  {case.label:36s} {row['dtype']:9s} {impl:13s} error vs float64: "
+              + ", ".join(f"{n} {row[f'max_rel_{n}']:.1e}" for n in OUTPUTS if f"max_rel_{n}" in row), flush=True)
+    del ref
     return rows
 
 
@@ -155,12 +227,26 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     _common.add_common_args(parser)
     parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS), help="implementations to run")
-    parser.add_argument("--cases", choices=("lba", "sweep", "all"), default="all",
-                        help="LbA shapes, the map-size sweep, or both (ignored with --quick)")
+    parser.add_argument("--cases", default="all",
+                        help="comma-separated groups of " + ", ".join(CASE_GROUPS) + " (ignored with --quick)")
+    parser.add_argument("--dtypes", default=None,
+                        help="comma-separated dtypes, each measured in turn (default: --dtype)")
+    parser.add_argument("--compile-dtypes", default="all",
+                        help="the dtypes that also time torch.compile (comma-separated, or all)")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend (eager: dynamo's trace only, a smoke run)")
+    parser.add_argument("--check", action="store_true",
+                        help="also report each implementation's error against the float64 reference")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the first --quick case, one call, no warm-up: exercises the code paths, measures nothing")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     args = parser.parse_args(argv)
     device = _common.resolve_device(args.device)
-    dtype = _common.DTYPES[args.dtype]
+    dtype_names = parse_list("--dtypes", args.dtypes or args.dtype, tuple(_common.DTYPES))
+    compile_dtypes = dtype_names if args.compile_dtypes == "all" else parse_list(
+        "--compile-dtypes", args.compile_dtypes, tuple(_common.DTYPES))
+    if args.smoke:
+        args.quick, args.repeat, args.warmup = True, 1, 0
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.repeat is None:
@@ -168,25 +254,37 @@ def main(argv=None) -> None:
     if not reid_kernels.extension_available():
         raise SystemExit("reid_kernels._C is not built: pip install --no-build-isolation -e .")
 
-    cases = cases_for(device, args.quick, args.cases)
-    impls = implementations([i for i in IMPLS if i in args.impls])
+    cases = cases_for(device, args.quick, args.cases)[: 1 if args.smoke else None]
+    chosen = [i for i in IMPLS if i in args.impls]
     env = _common.environment(device)
     clock = "CUDA events" if device.type == "cuda" else f"{args.clock} clock"
-    print(f"CMAlign benchmark on {env['device']} ({env.get('gpu', env['cpu'])}), {args.dtype}, "
+    print(f"CMAlign benchmark on {env['device']} ({env.get('gpu', env['cpu'])}), {', '.join(dtype_names)}, "
           f"torch {env['torch']}, {env['torch_threads']} threads; median of {args.repeat} after {args.warmup} "
           f"warm-up ({clock})")
-    rows = []
-    for case in cases:
-        rows += measure(case, impls, args, device, dtype)
+    rows, checks = [], []
+    for dtype_name in dtype_names:
+        dtype = _common.DTYPES[dtype_name]
+        impls = implementations([i for i in chosen if i != "compile" or dtype_name in compile_dtypes],
+                                args.compile_backend)
+        dtype_rows = []
+        for case in cases:
+            dtype_rows += measure(case, impls, args, device, dtype)
+            if args.check:
+                checks += accuracy(case, impls, device, dtype)
+        print(f"\n{dtype_name}:")
+        print(table_for(dtype_rows, cases))
+        rows += dtype_rows
 
-    print()
-    print(table_for(rows, cases))
     print("\nvs eager / vs compile: speed-up of the row's implementation (their time / its time).")
     print("fwd: forward with autograd recording; fwd+bwd: then backward of loss + recon_pos.mean().")
     print(f"Peak memory: {env['memory_measure']}.")
     if args.json:
-        _common.write_json(args.json, {"benchmark": "cmalign", "dtype": args.dtype, "repeat": args.repeat,
-                                      "warmup": args.warmup, "clock": clock, "environment": env, "results": rows})
+        payload = {"benchmark": "cmalign", "dtype": ",".join(dtype_names), "dtypes": dtype_names,
+                   "compile_dtypes": compile_dtypes, "compile_backend": args.compile_backend, "repeat": args.repeat,
+                   "warmup": args.warmup, "clock": clock, "environment": env, "results": rows}
+        if args.check:
+            payload["accuracy"] = checks
+        _common.write_json(args.json, payload)
         print(f"wrote {args.json}")
 
 

@@ -8,12 +8,16 @@ Issue 5 item 5.  Cases:
   cluster-contrast code; ``mean`` mode against a vectorised PyTorch version (index_add).
 * ``step``: a full memory-contrast step -- logits against a 395-row bank, cross-entropy,
   backward, update -- with the Python-loop update vs ``memory_update_``.
-* ``dense_triplet``: forward + backward at LbA's shapes (N=64, C=2048, 18x9) vs the reference.
+* ``dense_triplet``: forward + backward at LbA's shapes (N=64, C=2048, 18x9) and at 72x36 maps
+  (N=64, C=256) vs the reference; float32, plus float16 and bfloat16 on CUDA.
 
 Every row reports the two medians, their ratio and the largest difference between the two
-results (the kernel must agree with the baseline, not just be faster).
+results (the kernel must agree with the baseline, not just be faster); the dense-triplet rows
+also the peak memory of each (``_common.MEMORY_NOTES``) and the kernel's relative error against
+the reference computed in float64 on the same inputs (``rel_err_vs_float64``).
 
     python benchmarks/bench_memory.py --device cpu --quick --json out.json
+    python benchmarks/bench_memory.py --device cpu --smoke      # tiny sizes: the code paths only
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import torch.nn.functional as F
 import reid_kernels
 from reid_kernels import reference
 
-from _common import environment, median, time_runs, write_json  # noqa: E402  (benchmarks/)
+from _common import environment, median, peak_memory, time_runs, write_json  # noqa: E402  (benchmarks/)
 
 DIM = 2048
 TEMPERATURE = 0.05
@@ -125,10 +129,27 @@ def bench_dense_triplet(device, repeats, warmup, n=64, c=DIM, h=18, w=9, dtype=t
     kernel_loss, kernel_grads = fwd_bwd(reid_kernels.masked_dense_triplet)
     diff = max([float((base_loss - kernel_loss).abs())]
                + [float((a - b).abs().max()) for a, b in zip(base_grads, kernel_grads)])
+    exact = [m.double() for m in maps]
+    leaves = [m.requires_grad_(True) for m in exact]
+    exact_loss = reference.masked_dense_triplet(*leaves, weight.double(), 0.3, "mean")
+    exact_loss.backward()
+    rel_err = max(_rel_err(kernel_loss, exact_loss.detach()),
+                  *(_rel_err(a, leaf.grad) for a, leaf in zip(kernel_grads, leaves)))
+    del exact, leaves, exact_loss
     base_ms = median_ms(lambda: fwd_bwd(reference.masked_dense_triplet), device, repeats, warmup)
     kernel_ms = median_ms(lambda: fwd_bwd(reid_kernels.masked_dense_triplet), device, repeats, warmup)
+    base_peak = peak_memory(lambda: fwd_bwd(reference.masked_dense_triplet), device)
+    kernel_peak = peak_memory(lambda: fwd_bwd(reid_kernels.masked_dense_triplet), device)
     return [dict(case="dense_triplet", mode=str(dtype).replace("torch.", ""), rows=n, batch=f"{h}x{w}", dim=c,
-                 baseline="reference fwd+bwd", baseline_ms=base_ms, kernel_ms=kernel_ms, max_abs_diff=diff)]
+                 baseline="reference fwd+bwd", baseline_ms=base_ms, kernel_ms=kernel_ms, max_abs_diff=diff,
+                 rel_err_vs_float64=rel_err, baseline_peak_bytes=base_peak, kernel_peak_bytes=kernel_peak)]
+
+
+def _rel_err(ours: torch.Tensor, exact: torch.Tensor) -> float:
+    """||ours - exact|| / ||exact||, in float64."""
+    diff = float((ours.detach().double() - exact.double()).norm())
+    scale = float(exact.double().norm())
+    return diff / scale if scale > 0 else diff
 
 
 # ---- driver ----------------------------------------------------------------------------------
@@ -149,6 +170,8 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     parser.add_argument("--json", help="write the results to this path")
     parser.add_argument("--quick", action="store_true", help="few repeats (a smoke run, not final numbers)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny banks and maps, one timed call: exercises the code paths, measures nothing")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not (torch.cuda.is_available() and reid_kernels.has_cuda_kernels()):
@@ -156,22 +179,28 @@ def main(argv=None) -> None:
     repeats, warmup = (3, 1) if args.quick else (20, 3)
     if device.type == "cpu" and not args.quick:
         repeats = 7
+    bank_sizes, batches = (395, 22_258), (64, 256)
+    # (N, C, H, W): LbA's conv5 maps, then 72 x 36 maps.
+    triplet_shapes = [(64, DIM, 18, 9), (64, 256, 72, 36)]
+    if args.smoke:
+        repeats, warmup, bank_sizes, batches, triplet_shapes = 1, 0, (40,), (16,), [(4, 32, 6, 3), (2, 8, 12, 6)]
+    triplet_dtypes = (torch.float32, torch.float16, torch.bfloat16) if device.type == "cuda" else (torch.float32,)
 
     rows = []
-    for bank_rows in (395, 22_258):
-        for batch in (64, 256):
+    for bank_rows in bank_sizes:
+        for batch in batches:
             rows += bench_update(device, bank_rows, batch, repeats, warmup)
-    for batch in (64, 256):
-        rows += bench_step(device, batch, repeats, warmup)
-    rows += bench_dense_triplet(device, repeats, warmup)
-    if device.type == "cuda":
-        rows += bench_dense_triplet(device, repeats, warmup, dtype=torch.float16)
+    for batch in batches:
+        rows += bench_step(device, batch, repeats, warmup, rows=bank_sizes[0])
+    for n, c, h, w in triplet_shapes:
+        for dtype in triplet_dtypes:
+            rows += bench_dense_triplet(device, repeats, warmup, n=n, c=c, h=h, w=w, dtype=dtype)
 
     for r in rows:
         r["speedup"] = r["baseline_ms"] / r["kernel_ms"] if r["kernel_ms"] > 0 else None
     print_table(rows)
     if args.json:
-        meta = dict(environment(device), quick=args.quick, repeats=repeats)
+        meta = dict(environment(device), quick=args.quick, smoke=args.smoke, repeats=repeats)
         write_json(args.json, dict(meta=meta, results=rows))
 
 if __name__ == "__main__":

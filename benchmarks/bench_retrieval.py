@@ -18,6 +18,12 @@ Usage
   python benchmarks/bench_retrieval.py --quick                 # small sizes, ~1 min on 2 cores
   python benchmarks/bench_retrieval.py --cases sysu            # the headline, ~2 min on 2 cores
   python benchmarks/bench_retrieval.py --json out.json         # everything, JSON results
+  python benchmarks/bench_retrieval.py --device cuda --json out.json   # on a GPU (torch search if no faiss)
+  python benchmarks/bench_retrieval.py --smoke                 # tiny sizes: the code paths only, seconds
+
+--device auto (the default) takes the GPU when torch sees one.  On CUDA each timed row also
+reports peak_bytes: torch.cuda.max_memory_allocated() during the call above what was allocated
+before it (tensors only).
 """
 from __future__ import annotations
 
@@ -41,16 +47,31 @@ from _common import environment, write_json  # noqa: E402  (benchmarks/, the scr
 
 
 # ----------------------------------------------------------------------------- helpers
+PEAKS: List[int] = []  # peak bytes of each timed() call on CUDA, in call order (peak_of_last())
+
+
 def timed(fn: Callable, repeat: int = 1):
-    """(best wall seconds over `repeat` runs, last result)."""
+    """(best wall seconds over `repeat` runs, last result); on CUDA also records the peak memory."""
     best, result = float("inf"), None
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.init()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
     for _ in range(repeat):
         start = time.perf_counter()
         result = fn()
-        if torch.cuda.is_available():
+        if cuda:
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
+    PEAKS.append(torch.cuda.max_memory_allocated() - before if cuda else None)
     return best, result
+
+
+def peak_of_last():
+    """Peak bytes of the last timed() call on CUDA, None without a GPU."""
+    return PEAKS[-1] if PEAKS else None
 
 
 def print_table(title: str, rows: List[Dict[str, object]]) -> None:
@@ -156,6 +177,8 @@ def case_sysu(args) -> Dict[str, object]:
     quick = args.quick
     num_ids, num_queries, dim = (96, 3803, 2048) if not quick else (40, 800, 256)
     trials = 10 if not quick else 2
+    if args.smoke:
+        num_ids, num_queries, dim, trials = 30, 120, 32, 1  # >= 20 identities per gallery (max_rank)
     ref_trials = min(args.ref_trials if args.ref_trials is not None else 1, trials)
     with tempfile.TemporaryDirectory() as root:
         build_sysu_tree(root, num_ids, num_queries, images_per_folder=20)
@@ -170,8 +193,9 @@ def case_sysu(args) -> Dict[str, object]:
         feats = synthetic_features(everything, dim).to(getattr(torch, args.dtype))
         table_source = protocols.FeatureTable(everything, feats)
 
-        device = "cuda" if torch.cuda.is_available() else None
+        device = "cuda" if args.device == "cuda" else None
         ours_s, table = timed(lambda: protocols.evaluate_sysu(dataset, table_source, trials=trials, device=device))
+        ours_peak = peak_of_last()
 
         # The same distance matrices evaluate_sysu used (same union, same matmul), for the reference loop.
         query = dataset.query()
@@ -228,7 +252,7 @@ def case_sysu(args) -> Dict[str, object]:
         "ours_s": ours_s, "reference_s": ref_seconds, "reference_trials_timed_per_setting": ref_trials,
         "reference_scaled_to_all_trials": ref_trials < trials,
         "speedup": ref_seconds / ours_s, "identical_numbers": bool(identical), **checks,
-        "dtype": args.dtype, "tied_rows_float32": tied_rows_float32,
+        "dtype": args.dtype, "tied_rows_float32": tied_rows_float32, "device": args.device, "peak_bytes": ours_peak,
         "table": table.to_dict(),
     }
     print_table("SYSU protocol: ours vs community per-query loop",
@@ -240,14 +264,23 @@ def case_sysu(args) -> Dict[str, object]:
 
 # ----------------------------------------------------------------------------- search case
 def clustered(n, dim, clusters, gen, device):
-    centres = torch.randn(clusters, dim, generator=gen)
-    x = centres[torch.randint(0, clusters, (n,), generator=gen)] + 0.5 * torch.randn(n, dim, generator=gen)
+    """n unit vectors around `clusters` random centres.  On a GPU they are drawn there, from a CUDA
+    generator seeded by `gen` (drawing a 1M x 2048 gallery on the CPU takes tens of seconds)."""
+    if str(device).startswith("cuda"):
+        gen = torch.Generator(device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
+    else:
+        device = "cpu" if device is None else device
+    kw = dict(generator=gen, device=gen.device)
+    centres = torch.randn(clusters, dim, **kw)
+    x = centres[torch.randint(0, clusters, (n,), **kw)] + 0.5 * torch.randn(n, dim, **kw)
     return torch.nn.functional.normalize(x, dim=1).to(device)
 
 
 def case_search(args) -> List[Dict[str, object]]:
-    gpu = torch.cuda.is_available()
-    if args.quick:
+    gpu = args.device == "cuda"
+    if args.smoke:
+        num_g, num_q, dim = 2000, 100, 32
+    elif args.quick:
         num_g, num_q, dim = 20000, 1000, 256
     else:
         num_g, num_q, dim = (1_000_000, 10_000, 2048) if gpu else (100_000, 10_000, 2048)
@@ -257,7 +290,8 @@ def case_search(args) -> List[Dict[str, object]]:
     queries = clustered(num_q, dim, 1000, gen, device)
     rows = []
     t, (scores, truth) = timed(lambda: exact_search(queries, gallery, 10))
-    rows.append({"method": f"torch exact ({device})", "seconds": t, "qps": num_q / t, "recall@10": 1.0})
+    rows.append({"method": f"torch exact ({device})", "seconds": t, "qps": num_q / t, "recall@10": 1.0,
+                 "peak_bytes": peak_of_last()})
     truth = truth.cpu().numpy()
 
     def recall(found):
@@ -296,31 +330,38 @@ def case_search(args) -> List[Dict[str, object]]:
 
 # ----------------------------------------------------------------------------- rerank case
 def case_rerank(args) -> List[Dict[str, object]]:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = args.device
     gen = torch.Generator().manual_seed(1)
     small = (300, 1000, 256) if args.quick else (1000, 3000, 2048)
     # 50k x 2048 needs an N^2 D kNN pass (~11 TFLOP): GPU only; the CPU run uses 256-d
     large = (200, 5000, 256) if args.quick else (1000, 50000, 2048 if device == "cuda" else 256)
+    if args.smoke:
+        small, large = (40, 200, 32), (30, 400, 32)
     rows = []
     nq, ng, dim = small
     q, g = clustered(nq, dim, 100, gen, device), clustered(ng, dim, 100, gen, device)
     t_sparse, sparse = timed(lambda: k_reciprocal_rerank(q, g))
+    sparse_peak = peak_of_last()
     t_dense, dense = timed(lambda: k_reciprocal_rerank_dense(q.cpu(), g.cpu()))
     err = float(np.abs(sparse.cpu().numpy() - dense).max())
     rows.append({"method": "k-reciprocal kNN graph", "queries": nq, "gallery": ng, "seconds": t_sparse,
-                 "baseline_s": t_dense, "speedup": t_dense / t_sparse, "max_abs_diff": err})
+                 "baseline_s": t_dense, "speedup": t_dense / t_sparse, "max_abs_diff": err, "peak_bytes": sparse_peak})
     t_knn, a_knn = timed(lambda: aim(q, g, 20, 6, method="knn"))
+    knn_peak = peak_of_last()
     t_den, a_den = timed(lambda: aim(q, g, 20, 6, method="dense"))
     rows.append({"method": "AIM k1=20 k2=6 (knn vs dense)", "queries": nq, "gallery": ng, "seconds": t_knn,
-                 "baseline_s": t_den, "speedup": t_den / t_knn, "max_abs_diff": float((a_knn - a_den).abs().max())})
+                 "baseline_s": t_den, "speedup": t_den / t_knn, "max_abs_diff": float((a_knn - a_den).abs().max()),
+                 "peak_bytes": knn_peak})
     nq, ng, dim = large
     q, g = clustered(nq, dim, 1000, gen, device), clustered(ng, dim, 1000, gen, device)
     t_sparse, out = timed(lambda: k_reciprocal_rerank(q, g))
     rows.append({"method": "k-reciprocal kNN graph", "queries": nq, "gallery": ng, "seconds": t_sparse,
-                 "baseline_s": float("nan"), "speedup": float("nan"), "max_abs_diff": float("nan")})
+                 "baseline_s": float("nan"), "speedup": float("nan"), "max_abs_diff": float("nan"),
+                 "peak_bytes": peak_of_last()})
     t_knn, _ = timed(lambda: aim(q, g, 20, 6, method="knn"))
     rows.append({"method": "AIM k1=20 k2=6 knn", "queries": nq, "gallery": ng, "seconds": t_knn,
-                 "baseline_s": float("nan"), "speedup": float("nan"), "max_abs_diff": float("nan")})
+                 "baseline_s": float("nan"), "speedup": float("nan"), "max_abs_diff": float("nan"),
+                 "peak_bytes": peak_of_last()})
     print_table("Re-ranking (dense baseline only where N^2 fits)", rows)
     return [{"case": "rerank", **r} for r in rows]
 
@@ -331,6 +372,9 @@ CASES = {"sysu": case_sysu, "search": case_search, "rerank": case_rerank}
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes (CI smoke run)")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one SYSU trial: the code paths, in seconds")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where our side runs (auto: cuda when torch sees a GPU)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     parser.add_argument("--cases", default="sysu,search,rerank", help="comma-separated subset of " + ",".join(CASES))
     parser.add_argument("--ref-trials", type=int, default=None,
@@ -359,16 +403,21 @@ def main(argv=None) -> int:
     unknown = [c for c in chosen if c not in CASES]
     if unknown:
         parser.error(f"--cases: unknown {unknown}; choose from {list(CASES)}")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    meta = {"benchmark": "bench_retrieval", "quick": args.quick, "threads_note": threads_note,
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
+    device = torch.device(args.device)
+    meta = {"benchmark": "bench_retrieval", "quick": args.quick, "smoke": args.smoke, "threads_note": threads_note,
             **environment(device)}
     print(json.dumps(meta))
     results = []
     for name in chosen:
         out = CASES[name](args)
         results.extend(out if isinstance(out, list) else [out])
+        if args.json:  # after every case: a run stopped at a deadline keeps the cases it finished
+            write_json(args.json, {**meta, "results": results, "cases_done": chosen[: chosen.index(name) + 1]})
     if args.json:
-        write_json(args.json, {**meta, "results": results})
         print(f"\nwrote {args.json}")
     return 0
 
