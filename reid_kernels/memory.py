@@ -10,7 +10,7 @@ import torch
 
 from . import _ops  # noqa: F401  (fake-kernel registration of memory_update_)
 from ._extension import require_backend_for
-from ._validate import check_finite_float, check_index_range, check_index_vector, check_same_device, check_tensor
+from ._validate import check_bool, check_float_in, check_index_range, check_index_vector, check_same_device, check_tensor
 
 MODES = ("sequential", "mean", "hard")
 CONVENTIONS = ("old", "new")
@@ -80,6 +80,11 @@ def _check_update_args(memory, features, labels, momentum, mode, normalize, conv
     check_tensor("memory", memory, ndim=2, floating=True)
     if not memory.is_contiguous():
         raise ValueError(f"memory: expected a contiguous tensor (it is updated in place), got strides {memory.stride()}")
+    if memory.requires_grad:
+        # Written in place under no_grad, a bank that requires grad would silently change under
+        # autograd's feet (for a leaf, torch itself refuses in-place writes outside no_grad).
+        raise ValueError("memory: expected a tensor that does not require grad (a bank is a buffer updated in "
+                         "place), got requires_grad=True; pass memory.detach() or a buffer")
     allowed = _CUDA_DTYPES if memory.device.type == "cuda" else _CPU_DTYPES
     if memory.dtype not in allowed:
         names = ", ".join(str(d) for d in allowed)
@@ -90,16 +95,13 @@ def _check_update_args(memory, features, labels, momentum, mode, normalize, conv
                          f"got {tuple(features.shape)}")
     labels = _check_labels(labels, features.shape[0], memory.shape[0])
     check_same_device([("memory", memory), ("features", features), ("labels", labels)])
-    momentum = check_finite_float("momentum", momentum)
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum: expected a value in [0, 1], got {momentum}")
+    momentum = check_float_in("momentum", momentum, 0.0, 1.0)
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     if convention not in CONVENTIONS:
         raise ValueError(f"convention: expected 'old' (weight on the old row) or 'new' (weight on the new "
                          f"sample), got {convention!r}")
-    if not isinstance(normalize, bool):
-        raise TypeError(f"normalize: expected a bool, got {type(normalize).__name__}")
+    normalize = check_bool("normalize", normalize)
     old_weight = momentum if convention == "old" else 1.0 - momentum
     return memory, features, labels, old_weight
 
