@@ -526,9 +526,10 @@ _CONFIG_KEYS = ("dim", "kind", "backend", "nlist", "nprobe", "hnsw_m", "ef_const
 def _read_npz(path: str) -> dict:
     """Every array of the ``.npz`` at ``path``, read now; a file numpy cannot read is a ``ValueError``."""
     try:
-        with np.load(path, allow_pickle=False) as data:
-            if not hasattr(data, "files"):  # a bare .npy array, not an archive
-                raise ValueError("a single array, not an .npz archive")
+        data = np.load(path, allow_pickle=False)
+        if not hasattr(data, "files"):  # a bare .npy array, not an .npz archive
+            raise ValueError("a single array, not an .npz archive")
+        with data:
             return {key: data[key] for key in data.files}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as error:
         reason = "empty file" if os.path.getsize(path) == 0 else f"{type(error).__name__}: {error}"
