@@ -357,9 +357,10 @@ class GalleryIndex:
         if value is None:
             return np.full(n, -1, dtype=np.int64)
         arr = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-        if arr.shape != (n,) or not (np.issubdtype(arr.dtype, np.integer) or n == 0):
-            raise ValueError(f"{name}: expected {n} integers (one per embedding), got shape {arr.shape} "
-                             f"dtype {arr.dtype}")
+        if arr.shape != (n,):
+            raise ValueError(f"{name}: expected {n} integers (one per embedding), got shape {arr.shape}")
+        if not (np.issubdtype(arr.dtype, np.integer) or n == 0):
+            raise TypeError(f"{name}: expected {n} integers (one per embedding), got dtype {arr.dtype}")
         return arr.astype(np.int64)
 
     def remove(self, ids) -> int:

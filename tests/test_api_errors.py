@@ -219,6 +219,21 @@ def test_exact_search_numpy_block_sizes(qg):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+def test_gallery_index_metadata_types():
+    index = GalleryIndex(8, backend="torch", device="cpu")
+    with pytest.raises(TypeError, match="camids: expected 2 integers .one per embedding., got dtype float64"):
+        index.add(np.ones((2, 8), np.float32), camids=np.ones(2))
+    with pytest.raises(ValueError, match=r"pids: expected 2 integers .one per embedding., got shape \(1,\)"):
+        index.add(np.ones((2, 8), np.float32), pids=[1])
+    with pytest.raises(TypeError, match="dim: expected an int, got float"):
+        GalleryIndex(8.0, backend="torch")
+    with pytest.raises(TypeError, match="normalize: expected a bool, got int"):
+        GalleryIndex(8, backend="torch", normalize=1)
+    assert GalleryIndex(np.int64(8), backend="torch", nprobe=np.int32(4)).dim == 8
+    with pytest.raises(ValueError, match="batch_size: expected an int >= 1, got 0"):
+        index.search(np.ones((1, 8), np.float32), batch_size=0)
+
+
 def test_aim_query_block_zero(qg):
     q, g = qg
     with pytest.raises(ValueError, match="query_block: expected an int >= 1, got 0"):
