@@ -1,4 +1,6 @@
-"""Momentum updates of class-memory banks (seed 002 eq. 3, seed 004 eq. 9, cluster contrast).
+"""Momentum updates of class-memory banks: MCE eq. 3 (Cross-Modality Person Re-identification with
+Memory-Based Contrastive Embedding, AAAI 2023), PECA eq. 9 (Partial Enhancement and Channel Aggregation
+for Visible-Infrared Person Re-Identification, IEICE 2024) and cluster contrast's updates.
 
 One fused, deterministic operator replaces the per-sample Python loop of the
 released code (dozens of tiny kernels per step) and the ``index_copy`` tricks
@@ -10,7 +12,8 @@ import torch
 
 from . import _ops  # noqa: F401  (fake-kernel registration of memory_update_)
 from ._extension import require_backend_for
-from ._validate import check_bool, check_float_in, check_index_range, check_index_vector, check_same_device, check_tensor
+from ._validate import check_bool, check_float_in, check_index_range, check_index_vector, check_same_device
+from ._validate import check_tensor
 
 MODES = ("sequential", "mean", "hard")
 CONVENTIONS = ("old", "new")
@@ -36,9 +39,9 @@ def memory_update_(
             float64 bank); each touched row is rounded to the bank's dtype once per call.
         features: ``(batch, dim)`` floating-point features (no gradient flows into the bank).
         labels: ``(batch,)`` int64 (or int32) class indices in ``[0, rows)``; may repeat.
-        momentum: in ``[0, 1]``.  With ``convention="old"`` (default, seed 002's gamma) it
+        momentum: in ``[0, 1]``.  With ``convention="old"`` (default, MCE's gamma) it
             weights the OLD row: ``m <- momentum * m + (1 - momentum) * f``.  With
-            ``convention="new"`` (seed 004's alpha) it weights the NEW sample:
+            ``convention="new"`` (PECA's alpha) it weights the NEW sample:
             ``m <- (1 - momentum) * m + momentum * f``; i.e. ``convention="new", momentum=a`` is
             ``convention="old", momentum=1-a``.
         mode:
@@ -46,11 +49,11 @@ def memory_update_(
               ``m[y_i] <- g * m[y_i] + (1 - g) * f_i`` then (if ``normalize``) ``m[y_i] /= ||m[y_i]||``;
               with K samples of one label (no normalisation) the row becomes
               ``g^K m + sum_t (1-g) g^(K-t) f_t`` -- the per-sample loop of cluster-contrast code
-              and seed 004 eq. 9 applied in batch order.
+              and PECA eq. 9 applied in batch order.
             * ``"mean"`` -- per distinct label, ``m[y] <- g * m[y] + (1 - g) * mean_{i: y_i=y} f_i``
-              (seed 002 eq. 3), then re-normalised.
+              (MCE eq. 3), then re-normalised.
             * ``"hard"`` -- per distinct label, the batch sample with the lowest dot product with
-              the current row (the first one on ties) replaces the mean (seed 002's released code
+              the current row (the first one on ties) replaces the mean (MCE's released code
               for the modality-agnostic bank).
         normalize: re-normalise every updated row to unit L2 norm (``x / max(||x||, 1e-12)``).
         convention: ``"old"`` or ``"new"``, see ``momentum``.

@@ -1,7 +1,7 @@
 """Ranking metrics of the VI-ReID community evaluation code (CMC, mAP, mINP), vectorised in torch.
 
 The numbers reproduce the AGW cross-modal baseline's ``eval_sysu`` / ``eval_regdb``
-(reused by LbA, MCE and others; ALGORITHMS.md §6.1-6.3) without a Python loop per
+(reused by LbA, MCE and others) without a Python loop per
 query:
 
 ``protocol="sysu"``

@@ -23,11 +23,11 @@ from .pairs import NEGATIVE_DRAWS as _NEGATIVE_DRAWS, lba_pairs as _lba_pairs
 
 
 # ---- CMAlign ----
-# LbA (seed 001, ALGORITHMS.md §2): the non-parametric CMAlign module on [visible; infrared].
+# LbA (Learning by Aligning, ICCV 2021): the non-parametric CMAlign module on [visible; infrared].
 
 
 class CMAlign(torch.nn.Module):
-    """LbA's CMAlign module (seed 001, eqs. 1-11), non-parametric, for training.
+    """LbA's CMAlign module (Learning by Aligning, ICCV 2021, eqs. 1-11), non-parametric, for training.
 
     ``forward(feat_v, feat_t)`` concatenates the visible and infrared maps as LbA
     does (``[feat_v; feat_t]``), pairs every anchor with a positive and a negative
@@ -100,11 +100,13 @@ class CMAlign(torch.nn.Module):
 
 
 # ---- Memory banks ----
-# Seed 002 (MCE, ALGORITHMS.md §3.2-3.4): modality-aware banks W^v, W^r, W^a and the
-# modality-agnostic W^u, their historical copies C, the cluster-contrast CE (eq. 2),
-# the KL between proxy distributions (eqs. 5-8) and the hardest-negative-centroid
-# hinge (eq. 9).  Seed 004 (PECA, §5.4): centroid memory with the new-sample
-# momentum convention (convention="new").
+# MCE (Cross-Modality Person Re-identification with Memory-Based Contrastive Embedding,
+# AAAI 2023): modality-aware banks W^v, W^r, W^a and the modality-agnostic W^u, their
+# historical copies C, the cluster-contrast CE (eq. 2), the KL between proxy
+# distributions (eqs. 5-8) and the hardest-negative-centroid hinge (eq. 9).  PECA
+# (Partial Enhancement and Channel Aggregation for Visible-Infrared Person
+# Re-Identification, IEICE 2024): centroid memory with the new-sample momentum
+# convention (convention="new").
 
 
 
@@ -147,7 +149,7 @@ def _gather_across_ranks(features: torch.Tensor, labels: torch.Tensor) -> _Tuple
 
 
 class _LogitsThenUpdate(torch.autograd.Function):
-    """Logits against the pre-update bank; the bank is updated in backward (seed 002's code).
+    """Logits against the pre-update bank; the bank is updated in backward (MCE's code).
 
     The gradient uses the bank as it was in forward; the update runs after it.
     """
@@ -187,7 +189,7 @@ def _check_bank_dtype(dtype) -> torch.dtype:
 class MemoryBank(torch.nn.Module):
     """One or several class-memory banks (one row per identity) with momentum updates.
 
-    Seed 002 (ALGORITHMS.md §3.2-3.4) uses four banks -- modality-aware ``v``, ``r``, ``a`` and
+    MCE (AAAI 2023) uses four banks -- modality-aware ``v``, ``r``, ``a`` and
     modality-agnostic ``u`` -- each with a frozen historical copy refreshed every epoch::
 
         mb = MemoryBank(395, 2048, names=("v", "r", "a", "u"), momentum={"v": .3, "r": .3, "a": .3, "u": .1},
@@ -199,7 +201,7 @@ class MemoryBank(torch.nn.Module):
         loss.backward(); optimizer.step()
         mb.update_("v", f_v, y_v)                         # eq. 3, after the step
 
-    Seed 004's centroid memory is ``MemoryBank(N, d, names=("v", "ir"), momentum=0.8, convention="new",
+    PECA's centroid memory is ``MemoryBank(N, d, names=("v", "ir"), momentum=0.8, convention="new",
     mode="sequential")``.
 
     Args:
@@ -209,7 +211,7 @@ class MemoryBank(torch.nn.Module):
             (see :func:`reid_kernels.memory_update_`).
         mode: ``"sequential"``, ``"mean"`` or ``"hard"`` (or {name: mode}).
         normalize: re-normalise updated (and initialised) rows to unit length.
-        convention: ``"old"`` (seed 002's gamma) or ``"new"`` (seed 004's alpha).
+        convention: ``"old"`` (MCE's gamma) or ``"new"`` (PECA's alpha).
         temperature: default temperature tau of the logits ``f . W^T / tau``.
         history: keep a historical copy of every bank (``history_<name>`` buffers).
         sync_ddp: under an initialised ``torch.distributed``, all-gather features and labels before
@@ -292,7 +294,7 @@ class MemoryBank(torch.nn.Module):
         return getattr(self, f"bank_{self._check_name(name)}")
 
     def history(self, name: str) -> torch.Tensor:
-        """The historical (frozen) copy of bank ``name`` (seed 002's C)."""
+        """The historical (frozen) copy of bank ``name`` (MCE's C)."""
         if not self.has_history:
             raise RuntimeError("MemoryBank was built with history=False: there are no historical copies")
         return getattr(self, f"history_{self._check_name(name)}")
@@ -302,7 +304,7 @@ class MemoryBank(torch.nn.Module):
 
     # -- filling --------------------------------------------------------------
     def _class_means(self, features: torch.Tensor, labels: torch.Tensor) -> _Tuple[torch.Tensor, torch.Tensor]:
-        """(per-class mean of features, bool mask of the classes present); seed 002 eq. 1."""
+        """(per-class mean of features, bool mask of the classes present); MCE eq. 1."""
         rows = self.memory(self.names[0]).shape[0]
         labels = labels.to(device=features.device, dtype=torch.int64)
         feats = features.detach().float()
@@ -316,7 +318,7 @@ class MemoryBank(torch.nn.Module):
 
     @torch.no_grad()
     def initialize_(self, name: str, features: torch.Tensor, labels: torch.Tensor, *, history: bool = True) -> None:
-        """Set the rows of the classes present to their class mean (seed 002 eq. 1), normalised
+        """Set the rows of the classes present to their class mean (MCE eq. 1), normalised
         if ``normalize``; also the historical copy when ``history``.  Gathered across DDP ranks."""
         bank = self.memory(name)
         self._check_features(features, bank.shape[1])
@@ -332,7 +334,7 @@ class MemoryBank(torch.nn.Module):
 
     @torch.no_grad()
     def snapshot_(self, names: _Optional[_Sequence[str]] = None) -> None:
-        """Historical copy <- current bank (for ``names``, default all): the "snapshot" reading of seed 002's C."""
+        """Historical copy <- current bank (for ``names``, default all): the "snapshot" reading of MCE's C."""
         for n in self.names if names is None else names:
             self.history(n).copy_(self.memory(n))
 
@@ -350,7 +352,7 @@ class MemoryBank(torch.nn.Module):
 
     def update_(self, name: str, features: torch.Tensor, labels: torch.Tensor, *, momentum: _Optional[float] = None,
                 mode: _Optional[str] = None) -> torch.Tensor:
-        """Momentum update of bank ``name`` with this step's (features, labels) (seed 002 eq. 3).
+        """Momentum update of bank ``name`` with this step's (features, labels) (MCE eq. 3).
 
         Call it after the optimiser step.  Under DDP (``sync_ddp``) features and labels of all
         ranks are gathered first, so every rank applies the same update.
@@ -381,7 +383,7 @@ class MemoryBank(torch.nn.Module):
     def contrast_loss(self, features: torch.Tensor, labels: torch.Tensor, bank: str,
                       temperature: _Optional[float] = None, *, historical: bool = False,
                       update_in_backward: bool = False) -> torch.Tensor:
-        """Cluster-contrast cross-entropy of seed 002 eq. 2, averaged over the batch.
+        """Cluster-contrast cross-entropy of MCE eq. 2, averaged over the batch.
 
         ``features`` are used as given: they are *not* L2-normalised here (cluster-contrast's
         ``ClusterMemory.forward`` normalises its inputs first).  Pass normalised features for the
@@ -390,7 +392,7 @@ class MemoryBank(torch.nn.Module):
         ``labels``: 1-D int64 (or int32), one per feature row, each in ``[0, num_classes)``.
 
         With ``update_in_backward=True`` the bank is updated with (features, labels) inside the
-        backward pass, after the gradient was computed from the pre-update bank (seed 002's
+        backward pass, after the gradient was computed from the pre-update bank (MCE's
         released code); use at most one such loss per bank per step.
         """
         self._check_features(features, self.table(bank, historical).shape[1])
@@ -410,7 +412,7 @@ class MemoryBank(torch.nn.Module):
     def kl_loss(self, features: torch.Tensor, bank: str, target_bank: _Optional[str] = None, *,
                 target_features: _Optional[torch.Tensor] = None, historical: bool = True,
                 temperature: _Optional[float] = None) -> torch.Tensor:
-        """KL(target || p) between proxy distributions, target under stop-gradient (seed 002 eqs. 5-8).
+        """KL(target || p) between proxy distributions, target under stop-gradient (MCE eqs. 5-8).
 
         ``p = softmax(features . C_bank / tau)`` and the target is
         ``softmax(target_features . C_target_bank / tau)`` (defaults: the same features, the same
@@ -431,7 +433,7 @@ class MemoryBank(torch.nn.Module):
 
     def hard_negative_loss(self, features: torch.Tensor, labels: torch.Tensor, bank: str, *, margin: float = 0.3,
                            historical: bool = True, negatives: str = "all") -> torch.Tensor:
-        """Hardest-negative-centroid hinge of seed 002 eq. 9, averaged over the batch.
+        """Hardest-negative-centroid hinge of MCE eq. 9, averaged over the batch.
 
         ``[||f_i - c_{y_i}|| - min_{k != y_i} ||f_i - c_k|| + margin]_+`` with Euclidean distances to
         the (historical, by default) centroids.  ``negatives="all"`` searches every other class

@@ -1,4 +1,4 @@
-"""SYSU-MM01 and RegDB evaluation protocols, exact to the community code (ALGORITHMS.md §6).
+"""SYSU-MM01 and RegDB evaluation protocols, exact to the community code.
 
 One call evaluates features over every setting and trial and returns the table the
 papers print::

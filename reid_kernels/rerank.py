@@ -23,7 +23,8 @@ k-reciprocal re-ranking
     toolkits store it in float16 to save memory). Neighbour order within equal distances
     is by index (stable), in both implementations.
 
-AIM (SAAI, seed 003 eqs. 6-10; ALGORITHMS.md §4.4), :func:`aim`
+AIM (SAAI: Visible-Infrared Person Re-Identification via Semantic Alignment and Affinity
+    Inference, ICCV 2023; eqs. 6-10), :func:`aim`
     A_qg, A_gg cosine similarities of the L2-normalised features; eq. 6 keeps, in each
     row, the entries >= the row's k1-th largest value (ties kept, as the released code
     does); eq. 7 averages the rows of the k2 most similar gallery items (the item itself
@@ -53,7 +54,7 @@ from .retrieval import exact_search
 
 __all__ = ["aim", "aim_parameters", "k_reciprocal_rerank", "k_reciprocal_rerank_dense", "AIM_PARAMETERS"]
 
-# (k1, k2) per setting. "paper": seed 003 §4 ("SYSU single-shot 4/1, multi-shot 20/6, RegDB 8/2").
+# (k1, k2) per setting. "paper": SAAI (ICCV 2023) §4 ("SYSU single-shot 4/1, multi-shot 20/6, RegDB 8/2").
 # "code": the released SAAI configuration (indoor single-shot 2/2 is only there).
 AIM_PARAMETERS = {
     "paper": {("sysu", "all", "single"): (4, 1), ("sysu", "indoor", "single"): (4, 1),

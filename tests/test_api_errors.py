@@ -245,7 +245,8 @@ def test_aim_query_block_zero(qg):
 
 def saved_index(tmp_path, backend, n=12, dim=8):
     index = GalleryIndex(dim, "flat", backend=backend, device="cpu")
-    index.add(torch.randn(n, dim, generator=torch.Generator().manual_seed(1)), pids=np.arange(n), camids=np.ones(n, dtype=np.int64))
+    embeddings = torch.randn(n, dim, generator=torch.Generator().manual_seed(1))
+    index.add(embeddings, pids=np.arange(n), camids=np.ones(n, dtype=np.int64))
     path = tmp_path / f"gallery-{backend}.npz"
     index.save(path)
     return index, path
