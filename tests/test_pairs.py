@@ -103,3 +103,15 @@ def test_bad_arguments(kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         lba_pairs(args.pop("num_ids"), args.pop("num_pos"), **args)
+
+
+def test_lba_recipe_draws_negatives_as_the_released_code():
+    """The LbA recipe's default is the released code's draw; the library's default is unchanged."""
+    from training.config import ConfigError, load_config
+
+    for name in (None, "lba_synth", "lba_sysu", "lba_regdb"):
+        assert load_config(name)["loss"]["negative_draw"] == "lba-code"
+    assert load_config("lba_synth", ["loss.negative_draw=independent"])["loss"]["negative_draw"] == "independent"
+    with pytest.raises(ConfigError, match="negative_draw"):
+        load_config("lba_synth", ["loss.negative_draw=paper"])
+    assert lba_pairs.__kwdefaults__["negative_draw"] == "independent"
