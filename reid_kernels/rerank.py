@@ -280,12 +280,17 @@ def _stable_smallest(key: torch.Tensor, k: int) -> torch.Tensor:
     """Per row, the indices of the k smallest keys in ascending order, equal keys by index --
     the first k of a stable argsort, without sorting the row. (torch.topk alone would keep an
     arbitrary one of the items tied at the k-th key.)"""
-    kth = torch.topk(key, k, dim=1, largest=False, sorted=True).values[:, -1:]
-    below = key < kth
-    tied = key == kth
-    room = k - below.sum(dim=1, keepdim=True)  # how many of the tied items fit
-    keep = below | (tied & (tied.cumsum(dim=1) <= room))  # the lowest-index tied ones
-    idx = torch.topk(torch.where(keep, key, torch.full_like(key, float("inf"))), k, dim=1, largest=False).indices
+    vals, idx = torch.topk(key, k, dim=1, largest=False, sorted=True)
+    kth = vals[:, -1:]
+    room = k - (key < kth).sum(dim=1, keepdim=True)  # how many of the items tied at the k-th key fit
+    # Only rows with more tied items than room need a choice (duplicates); redo those alone.
+    rows = ((key == kth).sum(dim=1, keepdim=True) > room).squeeze(1).nonzero().squeeze(1)
+    if rows.numel():
+        sub, sub_kth = key[rows], kth[rows]
+        tied = sub == sub_kth
+        keep = (sub < sub_kth) | (tied & (tied.cumsum(dim=1) <= room[rows]))  # the lowest-index tied ones
+        idx[rows] = torch.topk(torch.where(keep, sub, torch.full_like(sub, float("inf"))), k, dim=1,
+                               largest=False).indices
     return _order_by_key_then_index(key.gather(1, idx), idx)
 
 
