@@ -31,9 +31,10 @@ Common conventions:
   selected distances are then recomputed exactly with gradient.  Candidates closer than the
   rounding of that form (about ``eps * |x|^2``) may therefore be ranked either way.
 
-Argument errors: ``TypeError`` for a wrong type or dtype, ``ValueError`` for a wrong shape or
-value, ``IndexError`` for labels outside the rows of a centroid table; each message names the
-argument, what was expected and what came.
+Argument errors: ``TypeError`` for a wrong type or dtype (a bool where a number is expected
+included), ``ValueError`` for a wrong shape or value; labels outside the rows of a centroid table
+raise an error that is both an ``IndexError`` and a ``ValueError``.  Scalars may be Python or NumPy
+scalars alike.  Each message names the argument, what was expected and what came.
 """
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Momentum updates of class-memory banks (MCE, AAAI 2023, eq. 3; PECA, IEICE 2024, eq. 9; cluster contrast).
+"""Momentum updates of class-memory banks: MCE eq. 3 (Cross-Modality Person Re-identification with
+Memory-Based Contrastive Embedding, AAAI 2023), PECA eq. 9 (Partial Enhancement and Channel Aggregation
+for Visible-Infrared Person Re-Identification, IEICE 2024) and cluster contrast's updates.
 
 One fused, deterministic operator replaces the per-sample Python loop of the
 released code (dozens of tiny kernels per step) and the ``index_copy`` tricks
@@ -10,7 +12,8 @@ import torch
 
 from . import _ops  # noqa: F401  (fake-kernel registration of memory_update_)
 from ._extension import require_backend_for
-from ._validate import check_finite_float, check_index_range, check_index_vector, check_same_device, check_tensor
+from ._validate import check_bool, check_float_in, check_index_range, check_index_vector, check_same_device
+from ._validate import check_tensor
 
 MODES = ("sequential", "mean", "hard")
 CONVENTIONS = ("old", "new")
@@ -46,9 +49,9 @@ def memory_update_(
               ``m[y_i] <- g * m[y_i] + (1 - g) * f_i`` then (if ``normalize``) ``m[y_i] /= ||m[y_i]||``;
               with K samples of one label (no normalisation) the row becomes
               ``g^K m + sum_t (1-g) g^(K-t) f_t`` -- the per-sample loop of cluster-contrast code
-              and PECA (IEICE 2024) eq. 9 applied in batch order.
+              and PECA eq. 9 applied in batch order.
             * ``"mean"`` -- per distinct label, ``m[y] <- g * m[y] + (1 - g) * mean_{i: y_i=y} f_i``
-              (MCE, AAAI 2023, eq. 3), then re-normalised.
+              (MCE eq. 3), then re-normalised.
             * ``"hard"`` -- per distinct label, the batch sample with the lowest dot product with
               the current row (the first one on ties) replaces the mean (MCE's released code
               for the modality-agnostic bank).
@@ -80,6 +83,11 @@ def _check_update_args(memory, features, labels, momentum, mode, normalize, conv
     check_tensor("memory", memory, ndim=2, floating=True)
     if not memory.is_contiguous():
         raise ValueError(f"memory: expected a contiguous tensor (it is updated in place), got strides {memory.stride()}")
+    if memory.requires_grad:
+        # Written in place under no_grad, a bank that requires grad would silently change under
+        # autograd's feet (for a leaf, torch itself refuses in-place writes outside no_grad).
+        raise ValueError("memory: expected a tensor that does not require grad (a bank is a buffer updated in "
+                         "place), got requires_grad=True; pass memory.detach() or a buffer")
     allowed = _CUDA_DTYPES if memory.device.type == "cuda" else _CPU_DTYPES
     if memory.dtype not in allowed:
         names = ", ".join(str(d) for d in allowed)
@@ -90,16 +98,13 @@ def _check_update_args(memory, features, labels, momentum, mode, normalize, conv
                          f"got {tuple(features.shape)}")
     labels = _check_labels(labels, features.shape[0], memory.shape[0])
     check_same_device([("memory", memory), ("features", features), ("labels", labels)])
-    momentum = check_finite_float("momentum", momentum)
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum: expected a value in [0, 1], got {momentum}")
+    momentum = check_float_in("momentum", momentum, 0.0, 1.0)
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     if convention not in CONVENTIONS:
         raise ValueError(f"convention: expected 'old' (weight on the old row) or 'new' (weight on the new "
                          f"sample), got {convention!r}")
-    if not isinstance(normalize, bool):
-        raise TypeError(f"normalize: expected a bool, got {type(normalize).__name__}")
+    normalize = check_bool("normalize", normalize)
     old_weight = momentum if convention == "old" else 1.0 - momentum
     return memory, features, labels, old_weight
 

@@ -54,6 +54,8 @@ from typing import NamedTuple, Optional, Union
 import numpy as np
 import torch
 
+from ._validate import check_int
+
 __all__ = ["RankingResult", "evaluate_ranking", "PROTOCOLS"]
 
 PROTOCOLS = ("sysu", "regdb")
@@ -82,8 +84,7 @@ class RankingResult(NamedTuple):
 
     def rank(self, k: int) -> float:
         """CMC at rank ``k`` (1-based), e.g. ``result.rank(1)`` is Rank-1."""
-        if not 1 <= k <= len(self.cmc):
-            raise ValueError(f"k: expected 1 <= k <= {len(self.cmc)} (max_rank), got {k}")
+        k = check_int("k", k, 1, len(self.cmc))  # at most max_rank
         return float(self.cmc[k - 1])
 
     def __str__(self) -> str:
@@ -135,11 +136,7 @@ def _as_labels(name: str, value, length: int, length_of: str, device: torch.devi
 
 
 def _check_max_rank(max_rank) -> int:
-    if isinstance(max_rank, bool) or not isinstance(max_rank, (int, np.integer)):
-        raise TypeError(f"max_rank: expected an int, got {type(max_rank).__name__}")
-    if max_rank < 1:
-        raise ValueError(f"max_rank: expected an int >= 1, got {max_rank}")
-    return int(max_rank)
+    return check_int("max_rank", max_rank, 1)
 
 
 def evaluate_ranking(
@@ -178,8 +175,7 @@ def evaluate_ranking(
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol: expected one of {PROTOCOLS}, got {protocol!r}")
     max_rank = _check_max_rank(max_rank)
-    if isinstance(block_elements, bool) or not isinstance(block_elements, int) or block_elements < 1:
-        raise ValueError(f"block_elements: expected an int >= 1, got {block_elements!r}")
+    block_elements = check_int("block_elements", block_elements, 1)
     dist = _as_distances(distmat, None if device is None else torch.device(device))
     num_q, num_g = dist.shape
     dev = dist.device

@@ -1,19 +1,25 @@
 """torch.nn modules built on reid_kernels operators."""
-import math as _math
 from typing import Dict as _Dict, Mapping as _Mapping, Optional as _Optional, Sequence as _Sequence, Tuple as _Tuple  # noqa: E501
 
 import torch
 import torch.distributed as _dist
 import torch.nn.functional as _F
 
+from ._validate import check_bool as _check_bool
+from ._validate import check_choice as _check_choice
 from ._validate import check_finite_float as _check_finite_float
+from ._validate import check_float_in as _check_float_in
+from ._validate import check_index_range as _check_index_range
+from ._validate import check_index_vector as _check_index_vector
 from ._validate import check_int as _check_int
 from ._validate import check_positive_float as _check_positive_float
+from ._validate import check_same_device as _check_same_device
+from ._validate import check_same_dtype as _check_same_dtype
 from ._validate import check_tensor as _check_tensor
 from .cmalign import CMAlignOutput, cmalign as _cmalign
 from .losses import centroid_triplet as _centroid_triplet
 from .memory import CONVENTIONS as _CONVENTIONS, MODES as _MODES, memory_update_ as _memory_update_
-from .pairs import lba_pairs as _lba_pairs
+from .pairs import NEGATIVE_DRAWS as _NEGATIVE_DRAWS, lba_pairs as _lba_pairs
 
 
 # ---- CMAlign ----
@@ -36,6 +42,9 @@ class CMAlign(torch.nn.Module):
         margin: dense-triplet margin (LbA: 0.3).
         num_pos: images per identity per modality, used to draw partners when
             ``forward`` is not given any (LbA: 4).
+        negative_draw: how those drawn negatives pick their images, see
+            :func:`reid_kernels.lba_pairs` (``"independent"``, default, or the released
+            code's ``"lba-code"``).
 
     Partners: pass ``pos_idx`` / ``neg_idx`` (indices into the concatenated
     batch), or let the module draw fresh ones with :func:`reid_kernels.lba_pairs`
@@ -44,14 +53,17 @@ class CMAlign(torch.nn.Module):
     in both); ``generator`` makes the draw reproducible.
     """
 
-    def __init__(self, temperature: float = 50.0, margin: float = 0.3, num_pos: int = 4):
+    def __init__(self, temperature: float = 50.0, margin: float = 0.3, num_pos: int = 4, *,
+                 negative_draw: str = "independent"):
         super().__init__()
         self.temperature = _check_positive_float("temperature", temperature)
         self.margin = _check_finite_float("margin", margin)
         self.num_pos = _check_int("num_pos", num_pos, 1)
+        self.negative_draw = _check_choice("negative_draw", negative_draw, _NEGATIVE_DRAWS)
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, margin={self.margin}, num_pos={self.num_pos}"
+        return (f"temperature={self.temperature}, margin={self.margin}, num_pos={self.num_pos}, "
+                f"negative_draw={self.negative_draw!r}")
 
     def forward(
         self,
@@ -67,6 +79,9 @@ class CMAlign(torch.nn.Module):
         _check_tensor("feat_t", feat_t, ndim=4, floating=True)
         if feat_t.shape != feat_v.shape:
             raise ValueError(f"feat_t: expected shape {tuple(feat_v.shape)} (like feat_v), got {tuple(feat_t.shape)}")
+        # torch.cat would promote mixed dtypes silently (float32 maps computed in float64)
+        _check_same_dtype([("feat_v", feat_v), ("feat_t", feat_t)])
+        _check_same_device([("feat_v", feat_v), ("feat_t", feat_t)])
         if (pos_idx is None) != (neg_idx is None):
             given, missing = ("pos_idx", "neg_idx") if neg_idx is None else ("neg_idx", "pos_idx")
             raise ValueError(f"{missing}: expected a tensor when {given} is given (pass both or neither), got None")
@@ -78,17 +93,20 @@ class CMAlign(torch.nn.Module):
                     f"feat_v: expected a batch of num_ids * num_pos images with num_ids >= 2 and "
                     f"num_pos = {per_id}, got {batch} images"
                 )
-            pos_idx, neg_idx = _lba_pairs(batch // per_id, per_id, generator=generator)
+            pos_idx, neg_idx = _lba_pairs(batch // per_id, per_id, generator=generator,
+                                          negative_draw=self.negative_draw)
         feat = torch.cat([feat_v, feat_t], dim=0)
         return _cmalign(feat, pos_idx, neg_idx, self.temperature, self.margin)
 
 
 # ---- Memory banks ----
-# MCE (Memory-Based Contrastive Embedding, AAAI 2023): modality-aware banks W^v, W^r, W^a and the
-# modality-agnostic W^u, their historical copies C, the cluster-contrast CE (eq. 2),
-# the KL between proxy distributions (eqs. 5-8) and the hardest-negative-centroid
-# hinge (eq. 9).  PECA (IEICE 2024): centroid memory with the new-sample
-# momentum convention (convention="new").
+# MCE (Cross-Modality Person Re-identification with Memory-Based Contrastive Embedding,
+# AAAI 2023): modality-aware banks W^v, W^r, W^a and the modality-agnostic W^u, their
+# historical copies C, the cluster-contrast CE (eq. 2), the KL between proxy
+# distributions (eqs. 5-8) and the hardest-negative-centroid hinge (eq. 9).  PECA
+# (Partial Enhancement and Channel Aggregation for Visible-Infrared Person
+# Re-Identification, IEICE 2024): centroid memory with the new-sample momentum
+# convention (convention="new").
 
 
 
@@ -157,6 +175,17 @@ class _LogitsThenUpdate(torch.autograd.Function):
         return grad_features, None, None, None, None
 
 
+_BANK_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _check_bank_dtype(dtype) -> torch.dtype:
+    """A floating dtype a bank can be updated in (float16/bfloat16 need CUDA, see memory_update_)."""
+    if not isinstance(dtype, torch.dtype) or dtype not in _BANK_DTYPES:
+        names = ", ".join(str(d) for d in _BANK_DTYPES)
+        raise TypeError(f"dtype: expected one of ({names}) for the banks, got {dtype}")
+    return dtype
+
+
 class MemoryBank(torch.nn.Module):
     """One or several class-memory banks (one row per identity) with momentum updates.
 
@@ -210,10 +239,9 @@ class MemoryBank(torch.nn.Module):
         device=None,
     ):
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes: expected a positive int, got {num_classes!r}")
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim: expected a positive int, got {dim!r}")
+        num_classes = _check_int("num_classes", num_classes, 1)
+        dim = _check_int("dim", dim, 1)
+        dtype = _check_bank_dtype(dtype)
         names = (names,) if isinstance(names, str) else tuple(names)
         if not names or len(set(names)) != len(names) or not all(isinstance(n, str) and n.isidentifier() for n in names):
             raise ValueError(f"names: expected distinct Python identifiers, got {names!r}")
@@ -225,9 +253,11 @@ class MemoryBank(torch.nn.Module):
                 raise ValueError(f"mode: expected one of {_MODES}, got {m!r}")
         if convention not in _CONVENTIONS:
             raise ValueError(f"convention: expected 'old' or 'new', got {convention!r}")
-        self.normalize, self.convention, self.sync_ddp = bool(normalize), convention, bool(sync_ddp)
+        self.normalize = _check_bool("normalize", normalize)
+        self.convention = convention
+        self.sync_ddp = _check_bool("sync_ddp", sync_ddp)
         self.temperature = self._check_temperature(temperature)
-        self.has_history = bool(history)
+        self.has_history = _check_bool("history", history)
         for n in names:
             self.register_buffer(f"bank_{n}", torch.zeros(num_classes, dim, dtype=dtype, device=device))
             if self.has_history:
@@ -236,17 +266,23 @@ class MemoryBank(torch.nn.Module):
     # -- access ---------------------------------------------------------------
     @staticmethod
     def _check_momentum(value) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-            raise ValueError(f"momentum: expected a float in [0, 1], got {value!r}")
-        return float(value)
+        return _check_float_in("momentum", value, 0.0, 1.0)
 
     @staticmethod
     def _check_temperature(value) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-            _math.isfinite(float(value)) and float(value) > 0
-        ):
-            raise ValueError(f"temperature: expected a finite float > 0, got {value!r}")
-        return float(value)
+        return _check_positive_float("temperature", value)
+
+    def _check_labels(self, labels, batch: int) -> torch.Tensor:
+        """Integer class labels, one per feature row, each a row of the banks."""
+        labels = _check_index_vector("labels", labels, batch, "class labels")
+        _check_index_range("labels", labels, self.memory(self.names[0]).shape[0], "bank rows")
+        return labels
+
+    def _check_features(self, features, width: int) -> torch.Tensor:
+        _check_tensor("features", features, ndim=2, floating=True, allow_empty=True)
+        if features.shape[1] != width:
+            raise ValueError(f"features: expected shape (batch, {width}), got {tuple(features.shape)}")
+        return features
 
     def _check_name(self, name: str) -> str:
         if name not in self.names:
@@ -268,11 +304,9 @@ class MemoryBank(torch.nn.Module):
 
     # -- filling --------------------------------------------------------------
     def _class_means(self, features: torch.Tensor, labels: torch.Tensor) -> _Tuple[torch.Tensor, torch.Tensor]:
-        """(per-class mean of features, bool mask of the classes present); MCE (AAAI 2023) eq. 1."""
+        """(per-class mean of features, bool mask of the classes present); MCE eq. 1."""
         rows = self.memory(self.names[0]).shape[0]
         labels = labels.to(device=features.device, dtype=torch.int64)
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= rows):
-            raise IndexError(f"labels: expected values in [0, {rows}), got range [{int(labels.min())}, {int(labels.max())}]")
         feats = features.detach().float()
         sums = feats.new_zeros((rows, feats.shape[1])).index_add_(0, labels, feats)
         counts = torch.bincount(labels, minlength=rows)
@@ -284,13 +318,13 @@ class MemoryBank(torch.nn.Module):
 
     @torch.no_grad()
     def initialize_(self, name: str, features: torch.Tensor, labels: torch.Tensor, *, history: bool = True) -> None:
-        """Set the rows of the classes present to their class mean (MCE, AAAI 2023, eq. 1), normalised
+        """Set the rows of the classes present to their class mean (MCE eq. 1), normalised
         if ``normalize``; also the historical copy when ``history``.  Gathered across DDP ranks."""
         bank = self.memory(name)
-        if features.dim() != 2 or features.shape[1] != bank.shape[1]:
-            raise ValueError(f"features: expected shape (batch, {bank.shape[1]}), got {tuple(features.shape)}")
-        if labels.shape != (features.shape[0],):
-            raise ValueError(f"labels: expected shape ({features.shape[0]},), got {tuple(labels.shape)}")
+        self._check_features(features, bank.shape[1])
+        self._check_labels(labels, features.shape[0])
+        if not bool(torch.isfinite(features).all()):
+            raise ValueError("features: expected finite values, got NaN/inf entries")
         if self.sync_ddp:
             features, labels = _gather_across_ranks(features.detach(), labels)
         means, present = self._class_means(features, labels)
@@ -308,13 +342,17 @@ class MemoryBank(torch.nn.Module):
     def set_history_(self, name: str, centroids: torch.Tensor) -> None:
         """Historical copy <- ``centroids`` (e.g. class means re-extracted at the end of an epoch)."""
         target = self.history(name)
+        _check_tensor("centroids", centroids, floating=True, allow_empty=True)
         if tuple(centroids.shape) != tuple(target.shape):
             raise ValueError(f"centroids: expected shape {tuple(target.shape)}, got {tuple(centroids.shape)}")
+        if not bool(torch.isfinite(centroids).all()):
+            bad = int((~torch.isfinite(centroids)).any(dim=1).nonzero()[0, 0])
+            raise ValueError(f"centroids: expected finite values, got NaN/inf (first in row {bad})")
         target.copy_(centroids)
 
     def update_(self, name: str, features: torch.Tensor, labels: torch.Tensor, *, momentum: _Optional[float] = None,
                 mode: _Optional[str] = None) -> torch.Tensor:
-        """Momentum update of bank ``name`` with this step's (features, labels) (MCE, AAAI 2023, eq. 3).
+        """Momentum update of bank ``name`` with this step's (features, labels) (MCE eq. 3).
 
         Call it after the optimiser step.  Under DDP (``sync_ddp``) features and labels of all
         ranks are gathered first, so every rank applies the same update.
@@ -339,19 +377,26 @@ class MemoryBank(torch.nn.Module):
         """``features @ W^T / temperature`` against bank ``bank`` (or its historical copy): (B, classes)."""
         tau = self.temperature if temperature is None else self._check_temperature(temperature)
         table = self.table(bank, historical)
-        if features.dim() != 2 or features.shape[1] != table.shape[1]:
-            raise ValueError(f"features: expected shape (batch, {table.shape[1]}), got {tuple(features.shape)}")
+        self._check_features(features, table.shape[1])
         return features @ table.to(features.dtype).t() / tau
 
     def contrast_loss(self, features: torch.Tensor, labels: torch.Tensor, bank: str,
                       temperature: _Optional[float] = None, *, historical: bool = False,
                       update_in_backward: bool = False) -> torch.Tensor:
-        """Cluster-contrast cross-entropy of MCE's (AAAI 2023) eq. 2, averaged over the batch.
+        """Cluster-contrast cross-entropy of MCE eq. 2, averaged over the batch.
+
+        ``features`` are used as given: they are *not* L2-normalised here (cluster-contrast's
+        ``ClusterMemory.forward`` normalises its inputs first).  Pass normalised features for the
+        cosine logits of that code; the bank rows are unit length when ``normalize=True``.
+
+        ``labels``: 1-D int64 (or int32), one per feature row, each in ``[0, num_classes)``.
 
         With ``update_in_backward=True`` the bank is updated with (features, labels) inside the
         backward pass, after the gradient was computed from the pre-update bank (MCE's
         released code); use at most one such loss per bank per step.
         """
+        self._check_features(features, self.table(bank, historical).shape[1])
+        labels = self._check_labels(labels, features.shape[0])
         if update_in_backward:
             if historical:
                 raise ValueError("update_in_backward: the historical copies are frozen; use historical=False")
@@ -367,7 +412,7 @@ class MemoryBank(torch.nn.Module):
     def kl_loss(self, features: torch.Tensor, bank: str, target_bank: _Optional[str] = None, *,
                 target_features: _Optional[torch.Tensor] = None, historical: bool = True,
                 temperature: _Optional[float] = None) -> torch.Tensor:
-        """KL(target || p) between proxy distributions, target under stop-gradient (MCE, AAAI 2023, eqs. 5-8).
+        """KL(target || p) between proxy distributions, target under stop-gradient (MCE eqs. 5-8).
 
         ``p = softmax(features . C_bank / tau)`` and the target is
         ``softmax(target_features . C_target_bank / tau)`` (defaults: the same features, the same
@@ -388,7 +433,7 @@ class MemoryBank(torch.nn.Module):
 
     def hard_negative_loss(self, features: torch.Tensor, labels: torch.Tensor, bank: str, *, margin: float = 0.3,
                            historical: bool = True, negatives: str = "all") -> torch.Tensor:
-        """Hardest-negative-centroid hinge of MCE's (AAAI 2023) eq. 9, averaged over the batch.
+        """Hardest-negative-centroid hinge of MCE eq. 9, averaged over the batch.
 
         ``[||f_i - c_{y_i}|| - min_{k != y_i} ||f_i - c_k|| + margin]_+`` with Euclidean distances to
         the (historical, by default) centroids.  ``negatives="all"`` searches every other class
@@ -400,7 +445,7 @@ class MemoryBank(torch.nn.Module):
         if negatives not in ("all", "batch"):
             raise ValueError(f"negatives: expected 'all' or 'batch', got {negatives!r}")
         table = self.table(bank, historical)
-        if features.dim() != 2 or features.shape[1] != table.shape[1]:
-            raise ValueError(f"features: expected shape (batch, {table.shape[1]}), got {tuple(features.shape)}")
+        self._check_features(features, table.shape[1])
+        labels = self._check_labels(labels, features.shape[0])
         return _centroid_triplet(features, labels.to(features.device), table.to(features.dtype), margin=margin,
                                  negatives=negatives)

@@ -1,4 +1,4 @@
-"""SYSU-MM01 and RegDB evaluation protocols, exact to the community code (ALGORITHMS.md §6).
+"""SYSU-MM01 and RegDB evaluation protocols, exact to the community code.
 
 One call evaluates features over every setting and trial and returns the table the
 papers print::
@@ -23,20 +23,23 @@ SYSU-MM01 (``cam1``..``cam6/<4-digit id>/<4-digit image>.jpg``, ``exp/test_id.tx
       image (single-shot) or ten (multi-shot) per identity-camera folder; 10 trials;
     * two draw mechanisms, selected by ``draw``:
 
-      ``"agw"`` -- the AGW/LbA/MCE code (``process_gallery_sysu``): a fresh
+      ``"agw"`` -- single-shot as the AGW/LbA/MCE code (``process_gallery_sysu``): a fresh
         ``random.Random(trial)`` (identical to ``random.seed(trial)``); identities in
         ascending order, cameras in order; for each existing folder, its entries sorted
-        by name and ``rng.choice(entries)`` (single-shot). Multi-shot in that code draws
-        ``np.random.choice(entries, 10, replace=False)`` from numpy's *global* generator,
-        which it never seeds per trial; we use ``np.random.RandomState(trial)``, i.e.
-        that code run after ``np.random.seed(trial)``.
-      ``"agw-sample"`` -- as ``"agw"``, multi-shot with ``random.Random(trial).sample(entries, 10)``.
+        by name and ``rng.choice(entries)``. Neither AGW nor LbA draws a multi-shot
+        gallery (their code has the single-shot draw only); multi-shot here is our
+        extension of that draw: ``np.random.RandomState(trial).choice(entries, 10,
+        replace=False)`` per folder, in the same order.
+      ``"agw-sample"`` -- CM-NAS's draw (CM-NAS: Cross-Modality Neural Architecture Search
+        for Visible-Infrared Person Re-Identification, ICCV 2021; its
+        ``process_gallery_sysu``): ``random.Random(trial).sample(entries, shots)`` per
+        folder, single- and multi-shot (for one shot it draws exactly what ``"agw"`` does).
       ``"matlab"`` -- the dataset's ``exp/rand_perm_cam.mat`` (original MATLAB protocol,
         used by the MPANet/SAAI code): image numbers ``perm[cam][id][trial][:shots]``;
         gallery order = sorted paths (cam, id, file).
 
       Folders with fewer than 10 images contribute all their images to a multi-shot
-      gallery (the MATLAB protocol's slicing; the AGW code would raise).
+      gallery (the MATLAB protocol's slicing; ``random.sample`` would raise).
     * metrics: :func:`reid_kernels.metrics.evaluate_ranking` with ``protocol="sysu"``.
 
 RegDB (``idx/test_{visible,thermal}_{1..10}.txt``: lines ``<relative path> <label>``)

@@ -20,10 +20,14 @@ k-reciprocal re-ranking
     normalised per row; query expansion averages the rows of the first k2 neighbours
     (skipped when k2 == 1); final = (1-lambda) * Jaccard + lambda * original, for the
     query rows and gallery columns. V is kept in float32 (the first public version; some
-    toolkits store it in float16 to save memory). Neighbour order within equal distances
-    is by index (stable), in both implementations.
+    toolkits store it in float16 to save memory). Neighbours are ranked by the normalised
+    distance, equal values by index (a stable argsort; the public code's default argsort
+    leaves their order unspecified), in both implementations -- including which of the
+    items tied at the k-th place are kept. Both agree with a transcription of the public
+    ``re_ranking`` to float32 rounding (tests/test_rerank.py), for any k1, k2.
 
-AIM (SAAI, ICCV 2023, eqs. 6-10), :func:`aim`
+AIM (SAAI: Visible-Infrared Person Re-Identification via Semantic Alignment and Affinity
+    Inference, ICCV 2023; eqs. 6-10), :func:`aim`
     A_qg, A_gg cosine similarities of the L2-normalised features; eq. 6 keeps, in each
     row, the entries >= the row's k1-th largest value (ties kept, as the released code
     does); eq. 7 averages the rows of the k2 most similar gallery items (the item itself
@@ -48,6 +52,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ._validate import check_float_in, check_int
 from .retrieval import exact_search
 
 __all__ = ["aim", "aim_parameters", "k_reciprocal_rerank", "k_reciprocal_rerank_dense", "AIM_PARAMETERS"]
@@ -100,9 +105,7 @@ def _features(name: str, value, dim: Optional[int] = None) -> torch.Tensor:
 
 
 def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
-    return int(value)
+    return check_int(name, value, 1)
 
 
 # ======================================================================================
@@ -130,6 +133,7 @@ def aim(qf, gf, k1: int = 4, k2: int = 1, *, form: str = "code", method: str = "
     g = F.normalize(_features("gf", gf, q.shape[1]), dim=1).to(device=q.device, dtype=q.dtype)
     k1 = min(_positive_int("k1", k1), g.shape[0])
     k2 = _positive_int("k2", k2)
+    query_block = _positive_int("query_block", query_block)
     if k2 > k1:
         raise ValueError(f"k2: expected k2 <= k1 = {k1} (neighbours come from the top-k1 ranking), got {k2}")
     if method == "auto":
@@ -200,9 +204,8 @@ def _check_rerank_args(qf, gf, k1, k2, lambda_value):
     g = _features("gf", gf, q.shape[1]).to(device=q.device, dtype=q.dtype)
     k1 = _positive_int("k1", k1)
     k2 = _positive_int("k2", k2)
-    if isinstance(lambda_value, bool) or not isinstance(lambda_value, (int, float)) or not 0 <= lambda_value <= 1:
-        raise ValueError(f"lambda_value: expected a number in [0, 1], got {lambda_value!r}")
-    return q, g, k1, k2, float(lambda_value)
+    lambda_value = check_float_in("lambda_value", lambda_value, 0.0, 1.0)
+    return q, g, k1, k2, lambda_value
 
 
 def _squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -256,24 +259,46 @@ def k_reciprocal_rerank_dense(qf, gf, k1: int = 20, k2: int = 6, lambda_value: f
 def _knn_and_row_max(x: torch.Tensor, k: int, block: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact k nearest (squared L2, ascending; equal distances by index) and each row's max distance.
 
-    Computed in (block x N) tiles. Which of several items tied at the k-th distance is kept
-    follows torch.topk.
+    Computed in (block x N) tiles. Rows are ranked by the *normalised* distance d / max_row d, as
+    the reference ranks its ``original_dist`` (a division can round two distances to one value);
+    among items tied at the k-th place the lowest indices are kept, as a stable argsort does.
     """
     n = x.shape[0]
     k = min(k, n)
     ids_out, dist_out, max_out = [], [], []
     for start in range(0, n, block):
         d = _squared_distances(x[start : start + block], x)
-        max_out.append(d.max(dim=1).values)
-        vals, idx = torch.topk(d, k, dim=1, largest=False, sorted=True)
-        # order equal distances by index: stable sort by index, then stable sort by distance
-        by_index = torch.sort(idx, dim=1, stable=True)
-        vals, idx = vals.gather(1, by_index.indices), by_index.values
-        by_dist = torch.sort(vals, dim=1, stable=True).indices
-        order = idx.gather(1, by_dist)
+        row_max = d.max(dim=1).values
+        max_out.append(row_max)
+        order = _stable_smallest(d / row_max.clamp_min(torch.finfo(d.dtype).tiny)[:, None], k)
         ids_out.append(order)
         dist_out.append(d.gather(1, order))
     return torch.cat(ids_out), torch.cat(dist_out), torch.cat(max_out)
+
+
+def _stable_smallest(key: torch.Tensor, k: int) -> torch.Tensor:
+    """Per row, the indices of the k smallest keys in ascending order, equal keys by index --
+    the first k of a stable argsort, without sorting the row. (torch.topk alone would keep an
+    arbitrary one of the items tied at the k-th key.)"""
+    vals, idx = torch.topk(key, k, dim=1, largest=False, sorted=True)
+    kth = vals[:, -1:]
+    room = k - (key < kth).sum(dim=1, keepdim=True)  # how many of the items tied at the k-th key fit
+    # Only rows with more tied items than room need a choice (duplicates); redo those alone.
+    rows = ((key == kth).sum(dim=1, keepdim=True) > room).squeeze(1).nonzero().squeeze(1)
+    if rows.numel():
+        sub, sub_kth = key[rows], kth[rows]
+        tied = sub == sub_kth
+        keep = (sub < sub_kth) | (tied & (tied.cumsum(dim=1) <= room[rows]))  # the lowest-index tied ones
+        idx[rows] = torch.topk(torch.where(keep, sub, torch.full_like(sub, float("inf"))), k, dim=1,
+                               largest=False).indices
+    return _order_by_key_then_index(key.gather(1, idx), idx)
+
+
+def _order_by_key_then_index(vals: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``idx`` reordered per row by (value, index): a stable sort by index, then by value."""
+    by_index = torch.sort(idx, dim=1, stable=True)
+    vals, idx = vals.gather(1, by_index.indices), by_index.values
+    return idx.gather(1, torch.sort(vals, dim=1, stable=True).indices)
 
 
 def _reciprocal_mask(neighbours: torch.Tensor, width: int, block: int) -> torch.Tensor:
@@ -303,7 +328,7 @@ def _knn_and_row_max_faiss(x: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch
     k = min(k, n)
     index = faiss.IndexFlatL2(dim)
     index.add(data)
-    dist, idx = index.search(data, k)
+    dist, idx = _faiss_search_past_ties(index, data, k)
     norms = (data.astype(np.float64) ** 2).sum(1)
     augmented = np.concatenate([data, norms[:, None].astype(np.float32)], axis=1)
     probe = np.concatenate([-2.0 * data, np.ones((n, 1), np.float32)], axis=1)
@@ -311,12 +336,26 @@ def _knn_and_row_max_faiss(x: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch
     far.add(augmented)
     best, _ = far.search(probe, 1)
     row_max = torch.from_numpy((norms + best[:, 0]).astype(np.float32)).clamp_min(0)
-    # equal distances ordered by index, as in the torch path
-    vals, ids = torch.from_numpy(dist), torch.from_numpy(idx)
-    by_index = torch.sort(ids, dim=1, stable=True)
-    vals, ids = vals.gather(1, by_index.indices), by_index.values
-    order = ids.gather(1, torch.sort(vals, dim=1, stable=True).indices)
+    # equal distances ordered by index, the lowest indices kept at the k-th place, as in the torch path
+    order = _stable_smallest_of_candidates(torch.from_numpy(dist), torch.from_numpy(idx).long(), k)
     return order.to(x.device), row_max.to(x.device)
+
+
+def _faiss_search_past_ties(index, data: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
+    """A search for more than k neighbours, widened until every item tied with a row's k-th
+    distance is among the results (so the lowest-index ones can be kept)."""
+    n = data.shape[0]
+    width = min(n, 2 * k)
+    while True:
+        dist, idx = index.search(data, width)
+        if width == n or bool((dist[:, -1] > dist[:, k - 1]).all()):
+            return dist, idx
+        width = min(n, 2 * width)
+
+
+def _stable_smallest_of_candidates(vals: torch.Tensor, idx: torch.Tensor, k: int) -> torch.Tensor:
+    """The first k of the candidates (vals, idx) ordered by (value, index)."""
+    return _order_by_key_then_index(vals, idx)[:, :k]
 
 
 KNN_BACKENDS = ("torch", "faiss")
@@ -331,10 +370,13 @@ def k_reciprocal_rerank(qf, gf, k1: int = 20, k2: int = 6, lambda_value: float =
     CUDA) or ``"faiss"`` (exact flat FAISS indexes, CPU).
 
     Returns the (Nq, Ng) re-ranked distances (float32, on the device of ``qf``).
-    Agrees with :func:`k_reciprocal_rerank_dense` to float32 tolerance.
+    Agrees with :func:`k_reciprocal_rerank_dense` to float32 tolerance (measured <= 3.4e-7),
+    also when ``k2 > k1 + 1`` (the graph then keeps k2 neighbours for the query expansion) and
+    with duplicated rows (ties at the k-th neighbour keep the lowest indices). With
+    ``knn="faiss"`` distances come from FAISS's own arithmetic, so near-ties may rank differently.
     """
     q, g, k1, k2, lam = _check_rerank_args(qf, gf, k1, k2, lambda_value)
-    _positive_int("block", block)
+    block = _positive_int("block", block)
     if knn not in KNN_BACKENDS:
         raise ValueError(f"knn: expected one of {KNN_BACKENDS}, got {knn!r}")
     x = torch.cat([q, g]).float()
@@ -343,10 +385,13 @@ def k_reciprocal_rerank(qf, gf, k1: int = 20, k2: int = 6, lambda_value: float =
     kk = min(k1 + 1, n)
     half = min(int(np.around(k1 / 2.0)) + 1, n)
 
+    # The query expansion averages the first k2 neighbours, which may be more than the k1 + 1 of
+    # the reciprocal sets: the graph keeps max(k1 + 1, k2) neighbours, the sets use the first k1 + 1.
+    width = min(max(kk, k2), n)
     if knn == "torch":
-        neighbours, _, row_max = _knn_and_row_max(x, kk, block)
+        neighbours, _, row_max = _knn_and_row_max(x, width, block)
     else:
-        neighbours, row_max = _knn_and_row_max_faiss(x, kk)
+        neighbours, row_max = _knn_and_row_max_faiss(x, width)
     row_max = row_max.clamp_min(torch.finfo(torch.float32).tiny)
     recip = _reciprocal_mask(neighbours, kk, block)  # (n, kk)
     recip_half = _reciprocal_mask(neighbours, half, block)  # (n, half)
@@ -356,8 +401,8 @@ def k_reciprocal_rerank(qf, gf, k1: int = 20, k2: int = 6, lambda_value: float =
     pair_rows, pair_cols = [], []
     for start in range(0, n, block):
         rows = torch.arange(start, min(start + block, n), device=dev)
-        own = torch.where(recip[rows], neighbours[rows], torch.full_like(neighbours[rows], -1))  # (b, kk)
-        cand = neighbours[rows]  # (b, kk): c = own candidates (valid where recip)
+        cand = neighbours[rows, :kk]  # (b, kk): c = own candidates (valid where recip)
+        own = torch.where(recip[rows], cand, torch.full_like(cand, -1))  # (b, kk)
         cand_set = neighbours[cand][:, :, :half]  # (b, kk, half)
         cand_valid = recip_half[cand]  # (b, kk, half)
         inside = (cand_set[..., None] == own[:, None, None, :]).any(-1) & cand_valid

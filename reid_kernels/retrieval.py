@@ -19,10 +19,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+
+from ._validate import check_bool, check_int
 
 __all__ = ["exact_search", "SearchResult", "GalleryIndex", "import_faiss", "faiss_has_gpu"]
 
@@ -69,9 +72,7 @@ def _as_float_matrix(name: str, value, dim: Optional[int] = None) -> torch.Tenso
 
 
 def _check_k(k) -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k: expected an int >= 1, got {k!r}")
-    return int(k)
+    return check_int("k", k, 1)
 
 
 @torch.no_grad()
@@ -94,10 +95,16 @@ def exact_search(
     if metric not in METRICS:
         raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
     k = _check_k(k)
+    query_block = check_int("query_block", query_block, 1)
+    database_block = check_int("database_block", database_block, 1)
     q = _as_float_matrix("queries", queries)
     db = _as_float_matrix("database", database, q.shape[1])
+    if q.shape[0] == 0:
+        raise ValueError(f"queries: expected at least one query vector, got shape {tuple(q.shape)}")
     if db.shape[0] == 0:
         raise ValueError("database: expected at least one vector, got an empty database")
+    if q.shape[1] == 0:
+        raise ValueError(f"queries: expected a dimension D >= 1, got shape {tuple(q.shape)} (every score would be 0)")
     k = min(k, db.shape[0])
     dtype = torch.promote_types(q.dtype, db.dtype)
     if dtype in (torch.float16, torch.bfloat16) and q.device.type == "cpu":
@@ -171,8 +178,7 @@ class GalleryIndex:
         ef_search: int = 64,
         normalize: bool = True,
     ):
-        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
-            raise ValueError(f"dim: expected an int >= 1, got {dim!r}")
+        dim = check_int("dim", dim, 1)
         if kind not in INDEX_KINDS:
             raise ValueError(f"kind: expected one of {INDEX_KINDS}, got {kind!r}")
         if backend not in BACKENDS:
@@ -200,10 +206,10 @@ class GalleryIndex:
             raise ValueError("kind: 'hnsw' runs on the CPU only; use 'flat' or 'ivf' on the GPU")
         for name, value in (("nprobe", nprobe), ("hnsw_m", hnsw_m), ("ef_construction", ef_construction),
                             ("ef_search", ef_search)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
-        if nlist is not None and (isinstance(nlist, bool) or not isinstance(nlist, (int, np.integer)) or nlist < 1):
-            raise ValueError(f"nlist: expected an int >= 1 or None, got {nlist!r}")
+            check_int(name, value, 1)
+        if nlist is not None:
+            nlist = check_int("nlist", nlist, 1)
+        normalize = check_bool("normalize", normalize)
         self.dim = int(dim)
         self.kind = kind
         self.backend = backend
@@ -231,9 +237,7 @@ class GalleryIndex:
 
     @nprobe.setter
     def nprobe(self, value: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"nprobe: expected an int >= 1, got {value!r}")
-        self._nprobe = int(value)
+        self._nprobe = check_int("nprobe", value, 1)
         self._apply_search_params()
 
     @property
@@ -243,9 +247,7 @@ class GalleryIndex:
 
     @ef_search.setter
     def ef_search(self, value: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"ef_search: expected an int >= 1, got {value!r}")
-        self._ef_search = int(value)
+        self._ef_search = check_int("ef_search", value, 1)
         self._apply_search_params()
 
     def _apply_search_params(self) -> None:
@@ -355,9 +357,10 @@ class GalleryIndex:
         if value is None:
             return np.full(n, -1, dtype=np.int64)
         arr = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-        if arr.shape != (n,) or not (np.issubdtype(arr.dtype, np.integer) or n == 0):
-            raise ValueError(f"{name}: expected {n} integers (one per embedding), got shape {arr.shape} "
-                             f"dtype {arr.dtype}")
+        if arr.shape != (n,):
+            raise ValueError(f"{name}: expected {n} integers (one per embedding), got shape {arr.shape}")
+        if not (np.issubdtype(arr.dtype, np.integer) or n == 0):
+            raise TypeError(f"{name}: expected {n} integers (one per embedding), got dtype {arr.dtype}")
         return arr.astype(np.int64)
 
     def remove(self, ids) -> int:
@@ -403,8 +406,7 @@ class GalleryIndex:
     def search(self, queries, k: int = 10, *, batch_size: int = 16384) -> SearchResult:
         """Top-``k`` gallery ids and cosine scores for each query row, in query batches."""
         k = _check_k(k)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+        batch_size = check_int("batch_size", batch_size, 1)
         q = self._prepare("queries", queries)
         if len(self) == 0:
             raise ValueError("search: the index is empty (add embeddings first)")
@@ -477,29 +479,142 @@ class GalleryIndex:
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], *, device: Optional[str] = None) -> "GalleryIndex":
-        """Read an index written by :meth:`save`."""
+        """Read an index written by :meth:`save`.
+
+        The file is checked before anything is used: a file that is not a readable ``.npz``
+        (empty, truncated, random bytes), lacks an entry, or whose vectors / FAISS index / ids
+        disagree with its metadata (dimension, counts, ids) raises ``ValueError`` naming the file
+        and what is wrong, instead of failing later in a search.
+        """
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"path: no saved GalleryIndex at {path!r}")
-        with np.load(path, allow_pickle=False) as data:
-            if "config" not in data.files:
-                raise ValueError(f"path: {path!r} is not a GalleryIndex file (no 'config' entry)")
-            config = json.loads(bytes(data["config"]).decode())
-            if config.get("format_version") != _FORMAT_VERSION:
-                raise ValueError(f"path: unsupported GalleryIndex format {config.get('format_version')!r}")
+        arrays = _read_npz(path)
+        config = _decode_json(path, arrays, "config", dict)
+        if config.get("format_version") != _FORMAT_VERSION:
+            raise ValueError(f"path: {path!r}: unsupported GalleryIndex format {config.get('format_version')!r} "
+                             f"(expected {_FORMAT_VERSION})")
+        missing = [key for key in _CONFIG_KEYS if key not in config]
+        if missing:
+            raise ValueError(f"path: {path!r} is not a valid GalleryIndex file: its config lacks {missing}")
+        try:
             index = cls(config["dim"], config["kind"], backend=config["backend"], device=device,
                         nlist=config["nlist"], nprobe=config["nprobe"], hnsw_m=config["hnsw_m"],
                         ef_construction=config["ef_construction"], ef_search=config["ef_search"],
                         normalize=config["normalize"])
-            index._next_id = int(config["next_id"])
-            index._ids = data["ids"].astype(np.int64)
-            index._pids = data["pids"].astype(np.int64)
-            index._camids = data["camids"].astype(np.int64)
-            index._paths = json.loads(bytes(data["paths"]).decode())
-            if "vectors" in data.files:
-                index._vectors = torch.from_numpy(data["vectors"].copy()).to(index._torch_device())
-            if "faiss_index" in data.files:
-                faiss = import_faiss()
-                index._index = faiss.deserialize_index(data["faiss_index"].copy())
-                index._apply_search_params()
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"path: {path!r} is not a valid GalleryIndex file: its config is invalid ({error})") \
+                from error
+        index._ids, index._pids, index._camids = (_id_array(path, arrays, key) for key in ("ids", "pids", "camids"))
+        index._paths = _decode_json(path, arrays, "paths", list)
+        index._next_id = _check_saved_ids(path, index._ids, index._pids, index._camids, index._paths,
+                                          config["next_id"])
+        if index.backend == "torch":
+            index._vectors = _saved_vectors(path, arrays, len(index), index.dim).to(index._torch_device())
+        elif "faiss_index" in arrays:
+            index._index = _saved_faiss_index(path, arrays["faiss_index"], index)
+            index._apply_search_params()
+        elif len(index):
+            raise ValueError(f"path: {path!r} is not a valid GalleryIndex file: {len(index)} ids but no "
+                             f"'faiss_index' entry")
         return index
+
+
+_CONFIG_KEYS = ("dim", "kind", "backend", "nlist", "nprobe", "hnsw_m", "ef_construction", "ef_search", "normalize",
+                "next_id")
+
+
+def _read_npz(path: str) -> dict:
+    """Every array of the ``.npz`` at ``path``, read now; a file numpy cannot read is a ``ValueError``."""
+    try:
+        data = np.load(path, allow_pickle=False)
+        if not hasattr(data, "files"):  # a bare .npy array, not an .npz archive
+            raise ValueError("a single array, not an .npz archive")
+        with data:
+            return {key: data[key] for key in data.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as error:
+        reason = "empty file" if os.path.getsize(path) == 0 else f"{type(error).__name__}: {error}"
+        raise ValueError(f"path: {path!r} is not a readable GalleryIndex file ({reason})") from error
+
+
+def _decode_json(path: str, arrays: dict, key: str, kind: type):
+    if key not in arrays:
+        raise ValueError(f"path: {path!r} is not a GalleryIndex file (no {key!r} entry)")
+    try:
+        value = json.loads(bytes(arrays[key]).decode())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"path: {path!r}: its {key!r} entry is not valid JSON ({error})") from error
+    if not isinstance(value, kind):
+        raise ValueError(f"path: {path!r}: its {key!r} entry should hold a JSON {kind.__name__}, got "
+                         f"{type(value).__name__}")
+    return value
+
+
+def _id_array(path: str, arrays: dict, key: str) -> np.ndarray:
+    if key not in arrays:
+        raise ValueError(f"path: {path!r} is not a valid GalleryIndex file (no {key!r} entry)")
+    value = arrays[key]
+    if value.ndim != 1 or not np.issubdtype(value.dtype, np.integer):
+        raise ValueError(f"path: {path!r}: its {key!r} entry should be a 1-D integer array, got shape "
+                         f"{value.shape} dtype {value.dtype}")
+    return value.astype(np.int64)
+
+
+def _check_saved_ids(path: str, ids, pids, camids, paths, next_id) -> int:
+    """Counts agree, ids are distinct and below ``next_id``; returns ``next_id``."""
+    n = ids.size
+    for key, value in (("pids", pids.size), ("camids", camids.size), ("paths", len(paths))):
+        if value != n:
+            raise ValueError(f"path: {path!r} is inconsistent: {n} ids but {value} {key}")
+    if not all(isinstance(p, str) for p in paths):
+        raise ValueError(f"path: {path!r}: its 'paths' entry should hold strings")
+    if isinstance(next_id, bool) or not isinstance(next_id, int):
+        raise ValueError(f"path: {path!r}: its config's next_id should be an int, got {next_id!r}")
+    if n and (ids.min() < 0 or ids.max() >= next_id or np.unique(ids).size != n):
+        raise ValueError(f"path: {path!r} is inconsistent: ids should be distinct and in [0, next_id={next_id})")
+    return next_id
+
+
+def _saved_vectors(path: str, arrays: dict, n: int, dim: int) -> torch.Tensor:
+    if "vectors" not in arrays:
+        raise ValueError(f"path: {path!r} is not a valid GalleryIndex file (backend 'torch' but no 'vectors' entry)")
+    vectors = arrays["vectors"]
+    if vectors.shape != (n, dim) or vectors.dtype != np.float32:
+        raise ValueError(f"path: {path!r} is inconsistent: expected float32 vectors of shape ({n}, {dim}) (ids, "
+                         f"dim), got shape {vectors.shape} dtype {vectors.dtype}")
+    if not np.isfinite(vectors).all():
+        raise ValueError(f"path: {path!r}: its vectors hold NaN/inf")
+    return torch.from_numpy(vectors.copy())
+
+
+_FAISS_KINDS = {"flat": "IndexFlat", "ivf": "IndexIVFFlat", "hnsw": "IndexHNSWFlat"}
+
+
+def _saved_faiss_index(path: str, blob: np.ndarray, index: "GalleryIndex"):
+    """The deserialised FAISS index, checked against the metadata (kind, dim, count, ids)."""
+    faiss = import_faiss()
+    try:
+        loaded = faiss.deserialize_index(np.ascontiguousarray(blob, dtype=np.uint8))
+    except Exception as error:  # faiss raises RuntimeError with its C++ message
+        raise ValueError(f"path: {path!r}: its 'faiss_index' entry cannot be read ({error})") from error
+    base = faiss.downcast_index(getattr(loaded, "index", loaded))
+    if not type(base).__name__.startswith(_FAISS_KINDS[index.kind]):
+        raise ValueError(f"path: {path!r} is inconsistent: kind {index.kind!r} but a {type(base).__name__}")
+    if loaded.d != index.dim:
+        raise ValueError(f"path: {path!r} is inconsistent: dim {index.dim} in its config, {loaded.d} in its index")
+    if loaded.ntotal != len(index):
+        raise ValueError(f"path: {path!r} is inconsistent: {len(index)} ids but {loaded.ntotal} vectors in its index")
+    stored = np.sort(_faiss_ids(faiss, loaded, base))
+    if not np.array_equal(stored, np.sort(index._ids)):
+        raise ValueError(f"path: {path!r} is inconsistent: the ids of its index differ from its 'ids' entry")
+    return loaded
+
+
+def _faiss_ids(faiss, loaded, base) -> np.ndarray:
+    """The external ids a FAISS index holds: an IndexIDMap2's map, or an IVF index's inverted lists."""
+    if hasattr(loaded, "id_map"):
+        return faiss.vector_to_array(loaded.id_map)
+    lists = base.invlists
+    parts = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
+             for i in range(base.nlist) if lists.list_size(i)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)

@@ -166,10 +166,10 @@ def test_state_dict_round_trip(device):
     [
         (dict(names=("v", "v")), ValueError, "names: expected distinct"),
         (dict(names=("a-b",)), ValueError, "names: expected distinct Python identifiers"),
-        (dict(momentum=1.2), ValueError, r"momentum: expected a float in \[0, 1\]"),
+        (dict(momentum=1.2), ValueError, r"momentum: expected a value in \[0, 1\]"),
         (dict(names=("v", "r"), momentum={"v": 0.3}), ValueError, r"missing \['r'\]"),
         (dict(mode="median"), ValueError, "mode: expected one of"),
-        (dict(temperature=0.0), ValueError, "temperature: expected a finite float > 0"),
+        (dict(temperature=0.0), ValueError, "temperature: expected a finite value > 0"),
         (dict(convention="both"), ValueError, "convention: expected 'old' or 'new'"),
     ],
 )

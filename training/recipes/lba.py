@@ -15,7 +15,11 @@ The Table-3 switches are config options: ``ic``, ``dt``, ``coattention`` (off = 
 position weighted 1: the dense triplet of cmalign's reconstructions with uniform
 weights) and ``sites`` (subset of [4, 5]; 4 = layer3 / conv4-6, 5 = layer4 / conv5-3).
 Partners are drawn with :func:`reid_kernels.lba_pairs` from the recipe's own seeded
-generator, separately at each site and every step (§2.5).
+generator, separately at each site and every step. ``loss.negative_draw`` defaults to
+``"lba-code"``: the released LbA code's convention (the anchors of an identity take a
+permutation of the image positions of their negative identities, ``random.sample`` there),
+which produced the published numbers of Learning by Aligning (ICCV 2021);
+``"independent"`` (the library's default) draws each negative image independently.
 """
 from __future__ import annotations
 
@@ -56,7 +60,7 @@ class LbARecipe(Recipe):
     SITES = (4, 5)
     DEFAULTS = {
         "loss": {"ic": True, "dt": True, "coattention": True, "sites": [4, 5], "lambda_ic": 1.0, "lambda_dt": 0.5,
-                 "beta": 50.0, "dt_margin": 0.3, "triplet_margin": 0.3},
+                 "beta": 50.0, "dt_margin": 0.3, "triplet_margin": 0.3, "negative_draw": "lba-code"},
         # LbA (§2.8): two-stream (stem-specific) ResNet-50, fixed GeM p = 3, pooled test descriptor.
         "model": {"stems": 2, "non_local": False, "gem_learnable": False},
         # SGD (Nesterov) backbone 0.01 / head 0.1, warm-up 10 epochs, x0.1 at 20 and 50, 81 epochs.
@@ -69,6 +73,7 @@ class LbARecipe(Recipe):
         "sites": v.listof(v.integer(), allowed=(4, 5), increasing=True),
         "lambda_ic": v.number(0), "lambda_dt": v.number(0), "beta": v.number(0, lo_open=True),
         "dt_margin": v.number(0), "triplet_margin": v.number(0),
+        "negative_draw": v.choice(*reid_kernels.pairs.NEGATIVE_DRAWS),
     }
 
     def __init__(self, cfg: dict, num_classes: int, seed: int = 0):
@@ -107,7 +112,8 @@ class LbARecipe(Recipe):
         inner = unwrap(model)
         for site in self.sites:
             fmap = (out.feat3 if site == 4 else out.feat4).float()
-            pos_idx, neg_idx = reid_kernels.lba_pairs(self.num_ids, self.num_pos, self.generator)
+            pos_idx, neg_idx = reid_kernels.lba_pairs(self.num_ids, self.num_pos, self.generator,
+                                                      negative_draw=cfg["negative_draw"])
             pos_idx, neg_idx = pos_idx.to(fmap.device), neg_idx.to(fmap.device)
             # CMAlign in float32 even under AMP: beta = 50 sharpens the softmax past bf16/fp16 precision.
             with torch.autocast(fmap.device.type, enabled=False):
