@@ -57,7 +57,7 @@ from .retrieval import exact_search
 
 __all__ = ["aim", "aim_parameters", "k_reciprocal_rerank", "k_reciprocal_rerank_dense", "AIM_PARAMETERS"]
 
-# (k1, k2) per setting. "paper": SAAI (ICCV 2023) §4 ("SYSU single-shot 4/1, multi-shot 20/6, RegDB 8/2").
+# (k1, k2) per setting. "paper": SAAI (ICCV 2023), implementation details ("SYSU single-shot 4/1, multi-shot 20/6, RegDB 8/2").
 # "code": the released SAAI configuration (indoor single-shot 2/2 is only there).
 AIM_PARAMETERS = {
     "paper": {("sysu", "all", "single"): (4, 1), ("sysu", "indoor", "single"): (4, 1),

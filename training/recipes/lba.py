@@ -1,13 +1,14 @@
-"""LbA -- Learning by Aligning (Park et al., ICCV 2021); ALGORITHMS.md §2.
+"""LbA -- "Learning by Aligning: Visible-Infrared Person Re-identification using Cross-Modal
+Correspondences" (Park et al., ICCV 2021), and its released code.
 
 Total loss (eq. 8): ``L = L_ID + lambda_IC * L_IC + lambda_DT * L_DT`` with
 
 * ``L_ID``: cross-entropy of the BNNeck classifier on GeM(layer4) features, plus a
   batch-hard triplet loss (margin 0.3, Euclidean, mined over both modalities) on the
-  pooled features before BN (§2.4, official code);
+  pooled features before BN (the released code);
 * ``L_IC``: the same classifier on pooled *positive reconstructions* (eq. 3) -- at the
   conv4 site (layer3 map) the reconstruction is passed through ``layer4`` first -- with
-  the anchor's identity as the target, summed over sites (§2.4, official code);
+  the anchor's identity as the target, summed over sites (the released code);
 * ``L_DT``: the co-attention-weighted dense triplet loss (eqs. 10-11) of
   :func:`reid_kernels.cmalign`, summed over sites.
 
@@ -61,7 +62,7 @@ class LbARecipe(Recipe):
     DEFAULTS = {
         "loss": {"ic": True, "dt": True, "coattention": True, "sites": [4, 5], "lambda_ic": 1.0, "lambda_dt": 0.5,
                  "beta": 50.0, "dt_margin": 0.3, "triplet_margin": 0.3, "negative_draw": "lba-code"},
-        # LbA (§2.8): two-stream (stem-specific) ResNet-50, fixed GeM p = 3, pooled test descriptor.
+        # LbA's settings: two-stream (stem-specific) ResNet-50, fixed GeM p = 3, pooled test descriptor.
         "model": {"stems": 2, "non_local": False, "gem_learnable": False},
         # SGD (Nesterov) backbone 0.01 / head 0.1, warm-up 10 epochs, x0.1 at 20 and 50, 81 epochs.
         "optim": {"name": "sgd", "lr_backbone": 0.01, "lr_head": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
