@@ -31,7 +31,7 @@ TORCH_LIBRARY(reid_kernels, m) {
   // Whether this build compiled the CUDA kernels (setup.py: FORCE_CUDA / CUDA found).
   m.def("_has_cuda_kernels() -> bool", &has_cuda_kernels);
 
-  // ---- CMAlign family (LbA, seed 001, eqs. 1-7) --------------------------
+  // ---- CMAlign family (Learning by Aligning, ICCV 2021, eqs. 1-11) ---------
   // Feature maps travel as (N, C, L) contiguous tensors, L = H*W positions.
   //
   // Person mask, eqs. 5-7: min-max normalised L2 norm over channels, (N, L).

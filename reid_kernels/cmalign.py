@@ -1,4 +1,4 @@
-"""LbA's CMAlign (seed 001, eqs. 1-11) on the fused reid_kernels operators.
+"""LbA's CMAlign (Learning by Aligning, ICCV 2021, eqs. 1-11) on the fused reid_kernels operators.
 
 * :func:`person_mask` -- eqs. 5-7, one pass per sample, no gradient;
 * :func:`soft_warp` -- eqs. 1, 2, 4: cosine similarity, softmax and warp in one
