@@ -31,7 +31,7 @@ from ._validate import (
     check_same_dtype,
     check_tensor,
 )
-from .dense_triplet import masked_dense_triplet
+from .dense_triplet import check_weighting_and_eps, masked_dense_triplet
 from .pairs import lba_pairs  # noqa: F401  (re-exported: partners for cmalign)
 from .reference import MINMAX_EPS, CMAlignOutput, minmax_dtype
 
@@ -336,7 +336,8 @@ def cmalign(
     neg_idx = _check_partners("neg_idx", neg_idx, batch, feat)
     temperature = _check_temperature(temperature, feat.dtype)
     margin = check_finite_float("margin", margin)
-    require_backend_for(feat, "feat")  # weighting and eps are checked by masked_dense_triplet
+    eps = check_weighting_and_eps(weighting, eps)
+    require_backend_for(feat, "feat")
 
     n, c, h, w = feat.shape
     x = _positions(feat)

@@ -15,6 +15,18 @@ DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
+def check_weighting_and_eps(weighting, eps) -> float:
+    """The dense triplet's ``weighting`` ('paper' or 'lba-code') and ``eps`` (finite, >= 0)."""
+    if not isinstance(weighting, str):
+        raise TypeError(f"weighting: expected 'paper' or 'lba-code', got {type(weighting).__name__}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting: expected 'paper' or 'lba-code', got {weighting!r}")
+    eps = check_finite_float("eps", eps)
+    if eps < 0:
+        raise ValueError(f"eps: expected a finite value >= 0, got {eps}")
+    return eps
+
+
 def masked_dense_triplet(
     anchor: torch.Tensor,
     positive: torch.Tensor,
@@ -79,13 +91,7 @@ def masked_dense_triplet(
     margin = check_finite_float("margin", margin)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
-    if not isinstance(weighting, str):
-        raise TypeError(f"weighting: expected 'paper' or 'lba-code', got {type(weighting).__name__}")
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting: expected 'paper' or 'lba-code', got {weighting!r}")
-    eps = check_finite_float("eps", eps)
-    if eps < 0:
-        raise ValueError(f"eps: expected a finite value >= 0, got {eps}")
+    eps = check_weighting_and_eps(weighting, eps)
     require_backend_for(anchor, "anchor")
     if eps:
         positive, negative = positive - eps, negative - eps  # ||a - (p - eps)|| = ||a - p + eps||

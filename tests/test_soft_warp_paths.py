@@ -318,3 +318,31 @@ def test_cmalign_meta_indices_are_refused_by_name():
         reid_kernels.cmalign(feat, pos.to("meta"), neg)
     with pytest.raises(ValueError, match="neg_idx: expected index values .*meta device"):
         reid_kernels.cmalign(feat, pos, neg.to("meta"))
+
+
+# ---------------------------------------------------------------------------
+# cmalign with the LbA code's conventions
+
+
+def test_cmalign_lba_code_conventions_match_the_reference(device):
+    """cmalign(weighting="lba-code", eps=1e-6): the released code's loss, against the reference's literal
+    (N, N, H, W) broadcast; it differs from the paper's weighting on the same batch."""
+    feat = _maps((8, 6, 4, 3), torch.float64, 48, device).relu().requires_grad_()
+    pos_idx, neg_idx = reid_kernels.lba_pairs(2, 2, generator=torch.Generator().manual_seed(48))
+    got = reid_kernels.cmalign(feat, pos_idx, neg_idx, margin=0.6, weighting="lba-code", eps=1e-6)
+    want = reference.cmalign(feat, pos_idx, neg_idx, margin=0.6, weighting="lba-code", eps=1e-6)
+    torch.testing.assert_close(got.loss, want.loss, **TOL[torch.float64])
+    (grad,) = torch.autograd.grad(got.loss, feat)
+    (want_grad,) = torch.autograd.grad(want.loss, feat)
+    torch.testing.assert_close(grad, want_grad, **TOL[torch.float64])
+    paper = reid_kernels.cmalign(feat, pos_idx, neg_idx, margin=0.6)
+    assert (paper.loss - got.loss).abs() > 1e-4
+
+
+def test_cmalign_checks_weighting_and_eps_first():
+    feat = _maps((4, 8, 3, 3), torch.float32, 49)
+    pairs = (torch.arange(4).roll(1), torch.arange(4).roll(2))
+    with pytest.raises(ValueError, match="weighting: expected 'paper' or 'lba-code', got 'lba'"):
+        reid_kernels.cmalign(feat, *pairs, weighting="lba")
+    with pytest.raises(ValueError, match="eps: expected a finite value >= 0"):
+        reid_kernels.cmalign(feat, *pairs, eps=-1.0)
