@@ -3,6 +3,7 @@
 Schemas are in csrc/ops.cpp; kernels in csrc/<op>/<op>_{cpu.cpp,cuda.cu}.
 """
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 from ._extension import extension_available
 
@@ -12,22 +13,46 @@ from ._extension import extension_available
 # soft_warp_fwd(query (N, C, Lq), key (N, C, Lk), value (N, Cv, Lk), t) -> (out (N, Cv, Lq),
 # lse (N, Lq) float32, probs); its backward is the soft_warp_bwd operator (lse and probs get
 # no gradient).  probs is the CPU probability cache: (N, Lq, Lk) in the accumulation dtype
-# (float64 for float64, else float32) when it fits in SOFT_WARP_PROB_CACHE_BYTES, else an
+# (float64 for float64, else float32) when it fits in soft_warp_prob_cache_bytes(), else an
 # empty (0,) tensor of that dtype -- always empty on CUDA (csrc/ops.cpp).
 # The fake kernels give torch.compile and the meta device shapes and dtypes.
+# Double backward is refused: the backward operators have no derivative of their own.
 
 
-SOFT_WARP_PROB_CACHE_BYTES = 256 << 20  # kMaxCachedProbBytes in csrc/cmalign/soft_warp_cpu.cpp
+@torch.compiler.assume_constant_result
+def soft_warp_prob_cache_bytes() -> int:
+    """The CPU probability-cache cap in bytes, read from the C++ kernel (the rule's one source).
+
+    256 MiB, or ``REID_KERNELS_SOFT_WARP_CACHE_BYTES`` when that environment variable is set
+    (read at every call, so a test can force the uncached path on small maps).
+    """
+    with _disable_current_modes():  # a plain C++ call, also while fake tensors trace
+        return int(torch.ops.reid_kernels._soft_warp_prob_cache_bytes())
 
 
 def _soft_warp_probs_shape(query, key) -> tuple:
-    """Shape of soft_warp_fwd's probability cache (the rule of the CPU and CUDA kernels)."""
+    """Shape of soft_warp_fwd's probability cache (the CPU kernel's rule, with its cap)."""
     n, _, lq = query.shape
     lk = key.shape[2]
     elem = 8 if query.dtype == torch.float64 else 4
-    if query.device.type == "cpu" and n * lq * lk * elem <= SOFT_WARP_PROB_CACHE_BYTES:
+    if query.device.type == "cpu" and n * lq * lk * elem <= soft_warp_prob_cache_bytes():
         return (n, lq, lk)
     return (0,)
+
+
+def _refuse_double_backward(op_name: str):
+    """An autograd formula for a backward operator that says why there is no second derivative."""
+
+    def setup_context(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            f"{op_name}: double backward (differentiating a gradient taken with create_graph=True) is not "
+            f"supported by the fused kernels; use reid_kernels.reference.{op_name} for higher-order gradients"
+        )
+
+    return backward, setup_context
 
 
 def _register_cmalign() -> None:
@@ -55,23 +80,26 @@ def _register_cmalign() -> None:
         return out, lse, probs
 
     @torch.library.register_fake("reid_kernels::soft_warp_bwd")
-    def _soft_warp_bwd_fake(grad_out, query, key, value, out, lse, probs, temperature):
+    def _soft_warp_bwd_fake(grad_out, query, key, value, out, probs, temperature):
         return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+    backward, setup = _refuse_double_backward("soft_warp")
+    torch.library.register_autograd("reid_kernels::soft_warp_bwd", backward, setup_context=setup)
 
     def _soft_warp_setup(ctx, inputs, output):
         query, key, value, temperature = inputs
         out, lse, probs = output
-        ctx.save_for_backward(query, key, value, out, lse, probs)
+        ctx.save_for_backward(query, key, value, out, probs)
         ctx.temperature = temperature
         ctx.mark_non_differentiable(lse, probs)
 
     def _soft_warp_backward(ctx, grad_out, grad_lse, grad_probs):
         # lse and probs are non-differentiable, so grad_lse and grad_probs carry nothing.
-        query, key, value, out, lse, probs = ctx.saved_tensors
+        query, key, value, out, probs = ctx.saved_tensors
         if grad_out is None:
             return None, None, None, None
         grad_query, grad_key, grad_value = torch.ops.reid_kernels.soft_warp_bwd(
-            grad_out.contiguous(), query, key, value, out, lse, probs, ctx.temperature
+            grad_out.contiguous(), query, key, value, out, probs, ctx.temperature
         )
         needs = ctx.needs_input_grad
         return (
@@ -103,6 +131,9 @@ if extension_available():
     @torch.library.register_fake("reid_kernels::masked_dense_triplet_bwd")
     def _masked_dense_triplet_bwd_fake(grad_loss, anchor, positive, negative, weight, margin):
         return torch.empty_like(anchor), torch.empty_like(positive), torch.empty_like(negative)
+
+    _backward, _setup = _refuse_double_backward("masked_dense_triplet")
+    torch.library.register_autograd("reid_kernels::masked_dense_triplet_bwd", _backward, setup_context=_setup)
 
     def _masked_dense_triplet_setup_context(ctx, inputs, output):
         anchor, positive, negative, weight, margin = inputs

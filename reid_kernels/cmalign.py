@@ -31,9 +31,9 @@ from ._validate import (
     check_same_dtype,
     check_tensor,
 )
-from .dense_triplet import masked_dense_triplet
+from .dense_triplet import check_weighting_and_eps, masked_dense_triplet
 from .pairs import lba_pairs  # noqa: F401  (re-exported: partners for cmalign)
-from .reference import MINMAX_EPS, CMAlignOutput
+from .reference import MINMAX_EPS, CMAlignOutput, minmax_dtype
 
 __all__ = ["CMAlignOutput", "cmalign", "lba_pairs", "person_mask", "soft_warp"]
 
@@ -66,6 +66,12 @@ def _check_batch_and_channels(name: str, value: torch.Tensor, query: torch.Tenso
 def _check_partners(name: str, index, batch: int, feat: torch.Tensor) -> torch.Tensor:
     """Partner indices: int64/int32, shape (batch,), values in [0, batch)."""
     if not torch.compiler.is_compiling():
+        if isinstance(index, torch.Tensor) and index.device.type == "meta" and feat.device.type != "meta":
+            # A meta tensor has no values: they could be neither range-checked nor gathered with.
+            raise ValueError(
+                f"{name}: expected index values on the CPU or {feat.device} (like feat), got a tensor on the "
+                f"meta device, which has no values"
+            )
         return check_index(name, index, batch, feat)
     # Under torch.compile, checking the values would read the indices back to
     # Python (a graph break); the gather itself still bound-checks them.
@@ -74,6 +80,20 @@ def _check_partners(name: str, index, batch: int, feat: torch.Tensor) -> torch.T
     if index.dim() != 1 or index.shape[0] != batch:
         raise ValueError(f"{name}: expected shape ({batch},) (one partner per anchor), got {tuple(index.shape)}")
     return index.to(device=feat.device, dtype=torch.long)
+
+
+def _check_temperature(temperature, dtype: torch.dtype) -> float:
+    """A finite float > 0 that the logits' dtype (float64 for float64 maps, else float32) can hold,
+    the bound the operators check too (csrc/cmalign/soft_warp_common.h)."""
+    temperature = check_positive_float("temperature", temperature)
+    logits = torch.float64 if dtype == torch.float64 else torch.float32
+    bound = torch.finfo(logits).max
+    if temperature > bound:
+        raise ValueError(
+            f"temperature: expected a finite value > 0 and at most {bound:.6g} (the largest {logits} value: "
+            f"the logits are computed in that dtype), got {temperature:g}"
+        )
+    return temperature
 
 
 def _positions(x: torch.Tensor) -> torch.Tensor:
@@ -93,8 +113,10 @@ def person_mask(feat: torch.Tensor) -> torch.Tensor:
 
     Returns:
         ``(N, H, W)`` in ``feat``'s dtype: the L2 norm over channels at each position,
-        min-max normalised over the positions of each sample (in float32, denominator
-        ``(max - min) + 1e-12``), so a map whose norms are all equal gives zeros.
+        min-max normalised over the positions of each sample (in ``feat``'s dtype, float32 for
+        float16/bfloat16, as the LbA code; denominator ``(max - min) + 1e-12``), so a map whose
+        norms are all equal gives zeros.  A NaN anywhere in a sample makes that sample's whole
+        mask NaN (as :func:`reid_kernels.reference.person_mask`: the min and max are NaN).
         Carries no gradient (LbA detaches the mask).
     """
     _check_map("feat", feat)
@@ -122,7 +144,10 @@ def soft_warp(
     Returns:
         ``(N, Cv, H, W)`` in the query's dtype, differentiable in query, key and value.
         Cosines use ``x / max(||x||, 1e-12)``, so an all-zero vector matches everything
-        with cosine 0.  Memory is O(N * C * positions) on CUDA (the probabilities are never
+        with cosine 0.  Any temperature up to the largest float of the accumulation dtype
+        (float32: 3.4e38; float64 maps: float64) gives finite results (near-hard matching
+        at 1e20); larger ones are refused by name.  First-order gradients only: double
+        backward raises ``NotImplementedError`` (use :func:`reid_kernels.reference.soft_warp`).  Memory is O(N * C * positions) on CUDA (the probabilities are never
         stored); on CPU the (N, H*W, H2*W2) probabilities are kept for the backward when they
         take at most 256 MiB (float32; float64 for float64 maps), else recomputed.
     """
@@ -139,7 +164,7 @@ def soft_warp(
         raise ValueError(
             f"value: expected spatial size {tuple(key.shape[2:])} (like key), got {tuple(value.shape[2:])}"
         )
-    temperature = check_positive_float("temperature", temperature)
+    temperature = _check_temperature(temperature, query.dtype)
     require_backend_for(query, "query")
 
     n, _, h, w = query.shape
@@ -150,10 +175,28 @@ def soft_warp(
 
 
 def _minmax_per_sample(x: torch.Tensor) -> torch.Tensor:
-    """Min-max over dim 1 of (N, L), in float32 with reference.MINMAX_EPS; detached."""
-    flat = x.detach().float()
+    """Min-max over dim 1 of (N, L) in x's dtype (float32 for float16/bfloat16), as
+    reference.minmax_normalize, with reference.MINMAX_EPS; detached."""
+    flat = x.detach().to(minmax_dtype(x.dtype))
     lo, hi = torch.aminmax(flat, dim=1, keepdim=True)
     return ((flat - lo) / (hi - lo + MINMAX_EPS)).to(x.dtype)
+
+
+class _RefuseDoubleBackward(torch.autograd.Function):
+    """Identity on a first-order gradient (forward(grad, *upstream) -> grad) whose backward raises:
+    it links the gradient to the upstream gradients it came from, so that differentiating it
+    (double backward) fails with a message instead of silently giving 0."""
+
+    @staticmethod
+    def forward(ctx, grad, *upstream):
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            "cmalign: double backward (differentiating a gradient taken with create_graph=True) is not supported "
+            "by the fused kernels; use reid_kernels.reference.cmalign for higher-order gradients"
+        )
 
 
 class _PartnerReconstructions(torch.autograd.Function):
@@ -181,8 +224,8 @@ class _PartnerReconstructions(torch.autograd.Function):
         mask_pos = mask[pos_idx]
         mask_from_probs = _soft_warp_probs_shape(x, key_pos) != (0,)
         value_pos = key_pos if mask_from_probs else torch.cat([key_pos, mask_pos.unsqueeze(1)], dim=1)
-        out_pos, lse_pos, probs_pos = torch.ops.reid_kernels.soft_warp_fwd(x, key_pos, value_pos, temperature)
-        out_neg, lse_neg, probs_neg = torch.ops.reid_kernels.soft_warp_fwd(x, key_neg, key_neg, temperature)
+        out_pos, _, probs_pos = torch.ops.reid_kernels.soft_warp_fwd(x, key_pos, value_pos, temperature)
+        out_neg, _, probs_neg = torch.ops.reid_kernels.soft_warp_fwd(x, key_neg, key_neg, temperature)
         if mask_from_probs:  # eq. 4 applied to the partner's mask, from the cached probabilities
             warped_mask = torch.bmm(probs_pos, mask_pos.to(probs_pos.dtype).unsqueeze(2)).squeeze(2).to(x.dtype)
             # The CPU backward with cached probabilities never reads `out` (it may be empty), so
@@ -195,8 +238,8 @@ class _PartnerReconstructions(torch.autograd.Function):
             warped_mask = out_pos[:, c]
             recon_pos = torch.lerp(x, out_pos[:, :c], weight)  # eq. 3: m * W(f) + (1 - m) * f
             recon_neg = torch.lerp(x, out_neg, weight)
-        ctx.save_for_backward(x, weight, pos_idx, neg_idx, key_pos, value_pos, out_pos, lse_pos, probs_pos,
-                              key_neg, out_neg, lse_neg, probs_neg)
+        ctx.save_for_backward(x, weight, pos_idx, neg_idx, key_pos, value_pos, out_pos, probs_pos,
+                              key_neg, out_neg, probs_neg)
         ctx.temperature = temperature
         ctx.mask_channel = not mask_from_probs
         ctx.mark_non_differentiable(warped_mask)
@@ -204,8 +247,20 @@ class _PartnerReconstructions(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_pos, grad_neg, grad_mask):
-        (x, weight, pos_idx, neg_idx, key_pos, value_pos, out_pos, lse_pos, probs_pos,
-         key_neg, out_neg, lse_neg, probs_neg) = ctx.saved_tensors
+        if not torch.is_grad_enabled():
+            return _PartnerReconstructions.first_order_backward(ctx, grad_pos, grad_neg)
+        # create_graph=True: the gradient itself is exact, but it has no derivative (the fused
+        # kernels have none), so it is returned behind a node that refuses to be differentiated.
+        with torch.no_grad():
+            grads = _PartnerReconstructions.first_order_backward(ctx, grad_pos, grad_neg)
+        upstream = [g for g in (grad_pos, grad_neg) if g is not None and g.requires_grad]
+        grad_x = _RefuseDoubleBackward.apply(grads[0], *upstream) if upstream else grads[0]
+        return (grad_x, *grads[1:])
+
+    @staticmethod
+    def first_order_backward(ctx, grad_pos, grad_neg):
+        (x, weight, pos_idx, neg_idx, key_pos, value_pos, out_pos, probs_pos,
+         key_neg, out_neg, probs_neg) = ctx.saved_tensors
         t = ctx.temperature
         grad_pos = torch.zeros_like(x) if grad_pos is None else grad_pos
         grad_neg = torch.zeros_like(x) if grad_neg is None else grad_neg
@@ -218,13 +273,13 @@ class _PartnerReconstructions(torch.autograd.Function):
         else:
             grad_warped_pos = grad_warped
         grad_x, gk_pos, gv = torch.ops.reid_kernels.soft_warp_bwd(
-            grad_warped_pos, x, key_pos, value_pos, out_pos, lse_pos, probs_pos, t
+            grad_warped_pos, x, key_pos, value_pos, out_pos, probs_pos, t
         )
         gk_pos += gv[:, : x.shape[1]]  # the value is the key (plus the mask channel)
         del gv, grad_warped_pos
         grad_warped = torch.mul(grad_neg, weight, out=grad_warped)
         gq, gk_neg, gv = torch.ops.reid_kernels.soft_warp_bwd(
-            grad_warped, x, key_neg, key_neg, out_neg, lse_neg, probs_neg, t
+            grad_warped, x, key_neg, key_neg, out_neg, probs_neg, t
         )
         gk_neg += gv
         direct = 1 - weight
@@ -240,6 +295,8 @@ def cmalign(
     neg_idx: torch.Tensor,
     temperature: float = 50.0,
     margin: float = 0.3,
+    weighting: str = "paper",
+    eps: float = 0.0,
 ) -> CMAlignOutput:
     """LbA's CMAlign on a batch of feature maps (eqs. 1-11), fused.
 
@@ -252,6 +309,13 @@ def cmalign(
         pos_idx, neg_idx: ``(N,)`` int64 (or int32) partner indices in ``[0, N)``.
         temperature: inverse softmax temperature beta > 0 (LbA: 50).
         margin: dense-triplet margin (LbA: 0.3).
+        weighting: how the co-attention weights the dense triplet, see
+            :func:`reid_kernels.masked_dense_triplet`: ``"paper"`` (default; Learning by Aligning
+            (ICCV 2021) eq. 10, each anchor by its own co-attention) or ``"lba-code"`` (the released
+            code as run on torch 1.7, which produced the published numbers: the batch-mean
+            co-attention times the batch-mean hinge at each position).
+        eps: added to every difference inside the distances, ``||a - p + eps||`` (LbA's code, through
+            ``TripletMarginLoss``, uses 1e-6; default 0, the paper's distance).
 
     Returns:
         :class:`CMAlignOutput` ``(recon_pos, recon_neg, comask, loss)``, exactly the
@@ -270,8 +334,9 @@ def cmalign(
     batch = feat.shape[0]
     pos_idx = _check_partners("pos_idx", pos_idx, batch, feat)
     neg_idx = _check_partners("neg_idx", neg_idx, batch, feat)
-    temperature = check_positive_float("temperature", temperature)
+    temperature = _check_temperature(temperature, feat.dtype)
     margin = check_finite_float("margin", margin)
+    eps = check_weighting_and_eps(weighting, eps)
     require_backend_for(feat, "feat")
 
     n, c, h, w = feat.shape
@@ -284,5 +349,6 @@ def cmalign(
 
     maps = (n, c, h, w)
     recon_pos, recon_neg, comask = recon_pos.view(maps), recon_neg.view(maps), comask.view(n, h, w)
-    loss = masked_dense_triplet(x.view(maps), recon_pos, recon_neg, comask, margin)  # eqs. 10-11
+    loss = masked_dense_triplet(x.view(maps), recon_pos, recon_neg, comask, margin,
+                                weighting=weighting, eps=eps)  # eqs. 10-11
     return CMAlignOutput(recon_pos, recon_neg, comask, loss)

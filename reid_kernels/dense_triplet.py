@@ -8,10 +8,23 @@ from ._extension import require_backend_for
 from ._validate import check_finite_float, check_same_device, check_same_dtype, check_tensor
 
 REDUCTIONS = ("mean", "sum", "none")
+WEIGHTINGS = ("paper", "lba-code")
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # The CPU kernel takes float32 / float64; float16 / bfloat16 CPU maps are computed in float32
 # and the loss returned in their dtype (as soft_warp and person_mask do).
 _CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
+def check_weighting_and_eps(weighting, eps) -> float:
+    """The dense triplet's ``weighting`` ('paper' or 'lba-code') and ``eps`` (finite, >= 0)."""
+    if not isinstance(weighting, str):
+        raise TypeError(f"weighting: expected 'paper' or 'lba-code', got {type(weighting).__name__}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting: expected 'paper' or 'lba-code', got {weighting!r}")
+    eps = check_finite_float("eps", eps)
+    if eps < 0:
+        raise ValueError(f"eps: expected a finite value >= 0, got {eps}")
+    return eps
 
 
 def masked_dense_triplet(
@@ -21,6 +34,8 @@ def masked_dense_triplet(
     weight: torch.Tensor,
     margin: float = 0.3,
     reduction: str = "mean",
+    weighting: str = "paper",
+    eps: float = 0.0,
 ) -> torch.Tensor:
     """LbA eqs. 10-11: ``weight * [||a - p||_2 - ||a - n||_2 + margin]_+`` at every position.
 
@@ -34,6 +49,21 @@ def masked_dense_triplet(
         margin: the hinge margin (LbA: 0.3).
         reduction: ``"mean"`` over all N*H*W positions (the released code), ``"sum"`` (the paper's
             eq. 10) or ``"none"`` for the ``(N, H, W)`` map.
+        weighting: ``"paper"`` (default): anchor ``i`` is weighted by its own ``weight[i]``, eq. 10 of
+            Learning by Aligning (ICCV 2021).  ``"lba-code"``: the released code as run on torch 1.7
+            (the published numbers), where the ``(N, H, W)`` co-attention broadcast against the
+            per-anchor losses to ``(N, N, H, W)``, so that ``loss = mean_p(mean_i A_i(p) * mean_j l_j(p))``.
+            Implemented exactly by weighting every anchor with the batch mean ``mean_i weight[i]`` at
+            each position (then ``reduction="mean"`` gives that loss; ``"sum"`` and ``"none"`` sum or
+            return the map of those terms).
+        eps: added to every channel of the differences inside the distances, ``||a - p + eps||_2``
+            (``torch.nn.functional.pairwise_distance``'s convention; LbA's code, through
+            ``TripletMarginLoss``, uses 1e-6).  Default 0: the paper's distance.  Implemented exactly
+            by passing ``p - eps`` and ``n - eps`` to the kernel (one rounding of each in the input dtype).
+
+    NaN handling follows the reference: NaN in the maps or the weight gives NaN loss terms there; an
+    inactive hinge passes a zero gradient even where the weight is NaN (as ``torch.clamp``'s backward).
+    First-order gradients only: double backward raises ``NotImplementedError``.
 
     One fused pass over the three maps forward (no difference tensors); the backward recomputes the
     two distances and writes the three gradients.  Where a distance is exactly 0 its term has
@@ -61,7 +91,13 @@ def masked_dense_triplet(
     margin = check_finite_float("margin", margin)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
+    eps = check_weighting_and_eps(weighting, eps)
     require_backend_for(anchor, "anchor")
+    if eps:
+        positive, negative = positive - eps, negative - eps  # ||a - (p - eps)|| = ||a - p + eps||
+    weight = weight.detach()
+    if weighting == "lba-code":
+        weight = weight.mean(dim=0, keepdim=True).expand_as(weight)
 
     n, c = anchor.shape[:2]
     kernel_dtype = anchor.dtype
@@ -73,7 +109,7 @@ def masked_dense_triplet(
 
     loss_map = torch.ops.reid_kernels.masked_dense_triplet_fwd(
         as_ncl(anchor), as_ncl(positive), as_ncl(negative),
-        weight.detach().reshape(n, -1).to(kernel_dtype).contiguous(), margin,
+        weight.reshape(n, -1).to(kernel_dtype).contiguous(), margin,
     ).view(position_shape).to(anchor.dtype)
     if reduction == "mean":
         return loss_map.mean()

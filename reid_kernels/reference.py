@@ -12,8 +12,9 @@ Conventions shared with the kernels:
 * cosine similarity normalises with ``x / max(||x||_2, 1e-12)`` (as
   ``torch.nn.functional.normalize``), so an all-zero feature vector has cosine
   0 with everything;
-* min-max normalisation divides by ``(max - min) + 1e-12`` and is computed in
-  float32 (the LbA code's guard), so a constant map normalises to all zeros;
+* min-max normalisation divides by ``(max - min) + 1e-12`` (the LbA code's guard),
+  so a constant map normalises to all zeros, and is computed in the input dtype
+  (float32 for float16 / bfloat16), as the LbA code computes in its maps' dtype;
 * masks and co-attention maps carry no gradient (LbA code detaches them).
 """
 from __future__ import annotations
@@ -41,9 +42,14 @@ class CMAlignOutput(NamedTuple):
     loss: torch.Tensor
 
 
+def minmax_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype masks and min-max are computed in: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def minmax_normalize(x: torch.Tensor) -> torch.Tensor:
-    """Per-sample min-max normalisation over all but the first dim, in float32."""
-    flat = x.detach().float().flatten(1)
+    """Per-sample min-max normalisation over all but the first dim, in minmax_dtype(x.dtype)."""
+    flat = x.detach().to(minmax_dtype(x.dtype)).flatten(1)
     lo = flat.min(dim=1, keepdim=True).values
     hi = flat.max(dim=1, keepdim=True).values
     return ((flat - lo) / (hi - lo + MINMAX_EPS)).view(x.shape).to(x.dtype)
@@ -51,7 +57,7 @@ def minmax_normalize(x: torch.Tensor) -> torch.Tensor:
 
 def person_mask(feat: torch.Tensor) -> torch.Tensor:
     """LbA eqs. 5-7: min-max normalised L2 norm over channels. (N, C, H, W) -> (N, H, W)."""
-    norms = torch.linalg.vector_norm(feat.detach().float(), dim=1)  # eq. 5
+    norms = torch.linalg.vector_norm(feat.detach().to(minmax_dtype(feat.dtype)), dim=1)  # eq. 5
     return minmax_normalize(norms).to(feat.dtype)  # eqs. 6-7
 
 
@@ -93,15 +99,27 @@ def masked_dense_triplet(
     weight: torch.Tensor,
     margin: float = 0.3,
     reduction: str = "mean",
+    weighting: str = "paper",
+    eps: float = 0.0,
 ) -> torch.Tensor:
-    """LbA eqs. 10-11: weight * [||a - p||_2 - ||a - n||_2 + margin]_+ per position.
+    """LbA eqs. 10-11: weight * [||a - p + eps||_2 - ||a - n + eps||_2 + margin]_+ per position.
 
     Distances are over channels (dim 1) of (N, C, H, W) maps; weight is (N, H, W).
-    ``torch.linalg.vector_norm`` has gradient 0 where a distance is 0.
+    ``torch.linalg.vector_norm`` has gradient 0 where a distance is 0.  ``weighting="paper"``
+    weights anchor i by weight[i] (eq. 10); ``"lba-code"`` is the released code on torch 1.7, whose
+    (N, H, W) co-attention broadcast against the per-anchor losses: with ``reduction="mean"`` this
+    computes that (N, N, H, W) product literally, ``mean_p(mean_i A_i * mean_j l_j)``.
     """
-    d_pos = torch.linalg.vector_norm(anchor - positive, dim=1)
-    d_neg = torch.linalg.vector_norm(anchor - negative, dim=1)
-    per_position = weight * torch.clamp(d_pos - d_neg + margin, min=0)
+    d_pos = torch.linalg.vector_norm(anchor - positive + eps, dim=1)
+    d_neg = torch.linalg.vector_norm(anchor - negative + eps, dim=1)
+    hinge = torch.clamp(d_pos - d_neg + margin, min=0)
+    if weighting == "lba-code":
+        if reduction == "mean":  # the broadcast of the released code, (N, 1, H, W) x (1, N, H, W)
+            return (weight.unsqueeze(1) * hinge.unsqueeze(0)).mean()
+        weight = weight.mean(dim=0, keepdim=True)
+    elif weighting != "paper":
+        raise ValueError(f"weighting: expected 'paper' or 'lba-code', got {weighting!r}")
+    per_position = weight * hinge
     if reduction == "mean":
         return per_position.mean()
     if reduction == "sum":
@@ -117,6 +135,8 @@ def cmalign(
     neg_idx: torch.Tensor,
     temperature: float = 50.0,
     margin: float = 0.3,
+    weighting: str = "paper",
+    eps: float = 0.0,
 ) -> CMAlignOutput:
     """LbA's CMAlign on a batch of feature maps (eqs. 1-11).
 
@@ -133,7 +153,7 @@ def cmalign(
     warped_partner_mask = warp_with(prob_pos.detach(), mask[pos_idx].unsqueeze(1), feat).squeeze(1)
     comask = minmax_normalize(mask * warped_partner_mask)
 
-    loss = masked_dense_triplet(feat, recon_pos, recon_neg, comask, margin)  # eqs. 10-11
+    loss = masked_dense_triplet(feat, recon_pos, recon_neg, comask, margin, weighting=weighting, eps=eps)
     return CMAlignOutput(recon_pos, recon_neg, comask, loss)
 
 

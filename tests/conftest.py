@@ -11,7 +11,22 @@ def available_devices():
     return devices
 
 
-@pytest.fixture(params=available_devices())
+def _device_param(name):
+    # The CUDA runs carry the `cuda` marker, so `pytest -m cuda tests` selects exactly the CUDA tests.
+    return pytest.param(name, marks=pytest.mark.cuda) if name == "cuda" else name
+
+
+@pytest.fixture(params=[_device_param(d) for d in available_devices()])
 def device(request):
     """Every kernel test runs on the CPU, and on CUDA when a GPU and the CUDA build are present."""
     return torch.device(request.param)
+
+
+# CUDA-only tests (no `device` fixture) use this mark: the `cuda` marker plus a skip without a GPU.
+requires_cuda = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(
+        not (torch.cuda.is_available() and reid_kernels.has_cuda_kernels()),
+        reason="needs a CUDA device and the CUDA build of reid_kernels",
+    ),
+]

@@ -174,3 +174,88 @@ def test_bad_input_reaching_the_op_directly():
         op(a, p, n, w[:, :2].contiguous(), 0.3)
     with pytest.raises(RuntimeError, match="float16/bfloat16 are CUDA-only"):
         op(a.half(), p.half(), n.half(), w.half(), 0.3)
+
+
+# ---- LbA code conventions: eps and weighting -------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_eps_matches_pairwise_distance_convention(device, reduction):
+    """eps = 1e-6 as LbA's TripletMarginLoss: ||a - p + eps||, the reference's and pairwise_distance's."""
+    a, p, n, w = make_maps((2, 16, 4, 3), device, torch.float64, seed=5)
+    fn = lambda *t: reid_kernels.masked_dense_triplet(*t, eps=1e-6)  # noqa: E731
+    ref = lambda *t: reference.masked_dense_triplet(*t, eps=1e-6)  # noqa: E731
+    out, grads = grads_of(fn, (a, p, n), w, 0.3, reduction)
+    want, want_grads = grads_of(ref, (a, p, n), w, 0.3, reduction)
+    torch.testing.assert_close(out, want, **TOLERANCE[torch.float64])
+    for g, r in zip(grads, want_grads):
+        torch.testing.assert_close(g, r, **TOLERANCE[torch.float64])
+    # The reference's distance is torch's pairwise_distance (what TripletMarginLoss calls).
+    d_pos = torch.nn.functional.pairwise_distance(a.movedim(1, -1), p.movedim(1, -1), eps=1e-6)
+    per_position = w * (d_pos - torch.nn.functional.pairwise_distance(a.movedim(1, -1), n.movedim(1, -1), eps=1e-6)
+                        + 0.3).clamp(min=0)
+    torch.testing.assert_close(reid_kernels.masked_dense_triplet(a, p, n, w, 0.3, "none", eps=1e-6), per_position,
+                               **TOLERANCE[torch.float64])
+    # And it is not a no-op: where anchor == positive, d+ is sqrt(C) * eps = 4e-6 instead of 0.
+    with_eps = reid_kernels.masked_dense_triplet(a, a.clone(), n, w, 5.0, "none", eps=1e-6)
+    without = reid_kernels.masked_dense_triplet(a, a.clone(), n, w, 5.0, "none")
+    assert (with_eps - without).abs().max() > 1e-7
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_lba_code_weighting(device, reduction):
+    """weighting="lba-code": the released code's (N, N, H, W) broadcast, mean_p(mean_i A_i * mean_j l_j)."""
+    a, p, n, w = make_maps((4, 8, 3, 5), device, torch.float64, seed=6)
+    fn = lambda *t: reid_kernels.masked_dense_triplet(*t, weighting="lba-code")  # noqa: E731
+    ref = lambda *t: reference.masked_dense_triplet(*t, weighting="lba-code")  # noqa: E731
+    out, grads = grads_of(fn, (a, p, n), w, 0.5, reduction)
+    want, want_grads = grads_of(ref, (a, p, n), w, 0.5, reduction)
+    torch.testing.assert_close(out, want, **TOLERANCE[torch.float64])
+    for g, r in zip(grads, want_grads):
+        torch.testing.assert_close(g, r, **TOLERANCE[torch.float64])
+    if reduction == "mean":  # by hand: per position, mean co-attention times mean hinge
+        hinge = reference.masked_dense_triplet(a, p, n, torch.ones_like(w), 0.5, "none")
+        by_hand = (w.mean(0) * hinge.mean(0)).mean()
+        torch.testing.assert_close(out, by_hand, **TOLERANCE[torch.float64])
+        paper = reid_kernels.masked_dense_triplet(a, p, n, w, 0.5)
+        assert (paper - out).abs() > 1e-3  # the two weightings differ on these maps
+
+
+def test_weighting_and_eps_are_checked():
+    args = _good()
+    with pytest.raises(ValueError, match="weighting: expected 'paper' or 'lba-code', got 'code'"):
+        reid_kernels.masked_dense_triplet(**args, weighting="code")
+    with pytest.raises(TypeError, match="weighting: expected 'paper' or 'lba-code', got int"):
+        reid_kernels.masked_dense_triplet(**args, weighting=1)
+    with pytest.raises(ValueError, match="eps: expected a finite value >= 0, got -1e-06"):
+        reid_kernels.masked_dense_triplet(**args, eps=-1e-6)
+    with pytest.raises(ValueError, match="eps: expected a finite"):
+        reid_kernels.masked_dense_triplet(**args, eps=float("inf"))
+
+
+# ---- NaN: the reference's behaviour --------------------------------------------------------------
+
+
+def test_nan_weight_propagates_like_the_reference(device):
+    """A NaN weight: NaN loss there; an inactive hinge passes gradient 0 (clamp's backward), an active one NaN."""
+    a, p, n, w = make_maps((2, 6, 4, 4), device, torch.float64, seed=7)
+    w[0, 1, 2] = float("nan")  # an active hinge at margin 2 below
+    w[1, 0, 0] = float("nan")
+    for margin in (2.0, -10.0):  # all hinges active / all inactive
+        out, grads = grads_of(reid_kernels.masked_dense_triplet, (a, p, n), w, margin, "none")
+        want, want_grads = grads_of(reference.masked_dense_triplet, (a, p, n), w, margin, "none")
+        torch.testing.assert_close(out, want, equal_nan=True, **TOLERANCE[torch.float64])
+        for g, r in zip(grads, want_grads):
+            torch.testing.assert_close(g, r, equal_nan=True, **TOLERANCE[torch.float64])
+        if margin < 0:
+            assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
+def test_nan_in_the_maps_propagates_like_the_reference(device):
+    a, p, n, w = make_maps((2, 6, 3, 3), device, torch.float64, seed=8)
+    p[1, 2, 1, 1] = float("nan")
+    out, grads = grads_of(reid_kernels.masked_dense_triplet, (a, p, n), w, 0.3, "none")
+    want, want_grads = grads_of(reference.masked_dense_triplet, (a, p, n), w, 0.3, "none")
+    torch.testing.assert_close(out, want, equal_nan=True, **TOLERANCE[torch.float64])
+    for g, r in zip(grads, want_grads):
+        torch.testing.assert_close(g, r, equal_nan=True, **TOLERANCE[torch.float64])

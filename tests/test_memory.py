@@ -219,3 +219,17 @@ def test_bad_input_reaching_the_op_directly():
         op(memory, torch.ones(2, 3), torch.tensor([0, 1], dtype=torch.int32), 0.3, "mean", True)
     with pytest.raises(RuntimeError):  # features aliasing the bank would read rows already written
         op(memory, memory[:2], torch.tensor([0, 1]), 0.3, "mean", True)
+
+
+@pytest.mark.parametrize("bad", [5, -1, 1 << 40])
+def test_op_checks_label_range_on_every_device(device, bad):
+    """A direct operator call checks the label range on CUDA too (before the launch: a device-side
+    assert would break the CUDA context), with the CPU kernel's message; the bank is left untouched."""
+    op = torch.ops.reid_kernels.memory_update_
+    memory = torch.zeros(5, 3, device=device)
+    labels = torch.tensor([0, bad, 1], device=device)
+    with pytest.raises(RuntimeError, match=rf"labels: expected values in \[0, 5\) \(memory rows\), got {bad} at position 1"):
+        op(memory, torch.ones(3, 3, device=device), labels, 0.3, "mean", True)
+    assert torch.equal(memory, torch.zeros_like(memory))
+    op(memory, torch.ones(3, 3, device=device), torch.tensor([0, 4, 1], device=device), 0.3, "mean", True)
+    assert torch.isfinite(memory).all() and memory.abs().sum() > 0  # the device still works

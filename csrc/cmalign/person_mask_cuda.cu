@@ -5,8 +5,10 @@
 //
 // Two launches: column_norm_kernel (cuda_utils.cuh) writes g in the
 // accumulation dtype, then one block per sample reduces min / max over the L
-// positions and writes the normalised mask in feat's dtype.  No gradient: the
-// mask is detached in LbA.
+// positions and writes the normalised mask in feat's dtype.  The min-max runs in
+// the accumulation dtype (float64 for float64 maps, float32 otherwise), as the
+// CPU kernel and reference.person_mask; a NaN norm makes the sample's mask NaN
+// (torch's min / max propagate NaN).  No gradient: the mask is detached in LbA.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -20,25 +22,28 @@ namespace cmalign_cuda {
 namespace {
 
 constexpr int kMinMaxThreads = 256;
-// The LbA code's min-max guard, in float32 (reference.py MINMAX_EPS).
-constexpr float kMinMaxEps = 1e-12f;
+// The LbA code's min-max guard (reference.py MINMAX_EPS).
+constexpr double kMinMaxEps = 1e-12;
 
 // Eqs. 6-7 for one sample per block: min / max of g over the L positions, then
-// (g - min) / ((max - min) + eps) computed in float32 like the reference.
+// (g - min) / ((max - min) + eps) in acc_t like the reference.
 template <typename scalar_t, typename acc_t>
 __global__ void minmax_normalize_kernel(const acc_t* __restrict__ g, int64_t L, scalar_t* __restrict__ mask) {
-  __shared__ float warp_lo[kMinMaxThreads / kWarp];
-  __shared__ float warp_hi[kMinMaxThreads / kWarp];
+  __shared__ acc_t warp_lo[kMinMaxThreads / kWarp];
+  __shared__ acc_t warp_hi[kMinMaxThreads / kWarp];
   const acc_t* gn = g + int64_t(blockIdx.x) * L;
   scalar_t* mn = mask + int64_t(blockIdx.x) * L;
 
-  float lo = std::numeric_limits<float>::infinity();
-  float hi = -std::numeric_limits<float>::infinity();
+  acc_t lo = std::numeric_limits<acc_t>::infinity();
+  acc_t hi = -std::numeric_limits<acc_t>::infinity();
+  int any_nan = 0;
   for (int64_t l = threadIdx.x; l < L; l += blockDim.x) {
-    const float v = static_cast<float>(gn[l]);
-    lo = fminf(lo, v);
-    hi = fmaxf(hi, v);
+    const acc_t v = gn[l];
+    any_nan |= isnan(v);
+    lo = min(lo, v);
+    hi = max(hi, v);
   }
+  any_nan = __syncthreads_or(any_nan);
   lo = warp_min(lo);
   hi = warp_max(hi);
   const int warp = threadIdx.x / kWarp;
@@ -51,12 +56,13 @@ __global__ void minmax_normalize_kernel(const acc_t* __restrict__ g, int64_t L, 
   lo = warp_lo[0];
   hi = warp_hi[0];
   for (int w = 1; w < kMinMaxThreads / kWarp; ++w) {
-    lo = fminf(lo, warp_lo[w]);
-    hi = fmaxf(hi, warp_hi[w]);
+    lo = min(lo, warp_lo[w]);
+    hi = max(hi, warp_hi[w]);
   }
-  const float denom = (hi - lo) + kMinMaxEps;  // a constant map normalises to 0
+  if (any_nan) lo = std::numeric_limits<acc_t>::quiet_NaN();  // as torch's min
+  const acc_t denom = (hi - lo) + static_cast<acc_t>(kMinMaxEps);  // a constant map normalises to 0
   for (int64_t l = threadIdx.x; l < L; l += blockDim.x) {
-    mn[l] = static_cast<scalar_t>((static_cast<float>(gn[l]) - lo) / denom);
+    mn[l] = static_cast<scalar_t>((gn[l] - lo) / denom);
   }
 }
 

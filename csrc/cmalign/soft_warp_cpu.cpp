@@ -14,15 +14,18 @@
 // products are scaled by the inverse norms inside the fused pass.
 //
 // Probability cache: when the whole (N, Lq, Lk) probability volume takes at
-// most kMaxCachedProbBytes, the forward writes P straight into it (no scratch)
-// and returns it; the backward then reads P instead of recomputing S = q^T k
-// (one of its five matrix products) and the exponentials, and takes the
-// normalisation's radial terms from column dots of the gradients (the CUDA
-// kernels' formula) since it has no S.  Cached or not, P is computed with the
-// same arithmetic (cosine first, then exp(t * cos - lse), renormalised), so
-// both backward paths see the same probabilities.  Otherwise `probs` is empty and the backward
-// recomputes S and P block by block from `lse`, renormalising each recomputed
-// row of P so float64 gradients stay exact although `lse` is float32.
+// most soft_warp_prob_cache_bytes() (256 MiB unless REID_KERNELS_SOFT_WARP_CACHE_BYTES
+// says otherwise), the forward writes P straight into it (no scratch) and returns
+// it; the backward then reads P instead of recomputing S = q^T k (one of its five
+// matrix products) and the exponentials, and takes the normalisation's radial
+// terms from column dots of the gradients (the CUDA kernels' formula) since it
+// has no S.  Otherwise `probs` is empty and the backward recomputes S and P block
+// by block.  Forward and recomputation share one softmax (softmax_rows: cosine
+// first, then t * cos shifted by its row maximum, exponentiated, divided by the
+// row sum), so both backward paths see the probabilities of the forward.  The
+// recomputation does not start from the float32 `lse`: at large temperatures
+// (t * cos ~ 1e10 in float32, 1e20 in float64) lse's rounding alone would
+// overflow exp(t * cos - lse).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -33,16 +36,33 @@
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
+#include "cmalign/soft_warp_common.h"
+#include "mutation.h"
+
 namespace reid_kernels {
+
+int64_t soft_warp_prob_cache_bytes() {
+  // 256 MiB holds an LbA batch (64 x 162 x 162 float32 is 6.7 MB) and a 72x36 map of a few samples.
+  constexpr int64_t kDefaultBytes = REID_MUTANT(4) ? int64_t(128) << 20 : int64_t(256) << 20;
+  const char* value = std::getenv("REID_KERNELS_SOFT_WARP_CACHE_BYTES");
+  if (value == nullptr || *value == '\0') return kDefaultBytes;
+  char* end = nullptr;
+  const long long bytes = std::strtoll(value, &end, 10);
+  TORCH_CHECK(*end == '\0' && bytes >= 0, "REID_KERNELS_SOFT_WARP_CACHE_BYTES: expected a number of bytes >= 0, got '",
+              value, "'");
+  return static_cast<int64_t>(bytes);
+}
+
 namespace {
 
 constexpr double kNormEps = 1e-12;            // F.normalize's eps (reference.py)
 constexpr int64_t kScratchElems = 1 << 18;     // one scratch block: rows * Lk elements (1 MiB in float32)
 constexpr int64_t kMinBlockRows = 32;          // keeps the blocked matrix products efficient
 constexpr int64_t kElementwiseGrain = 1 << 14; // elements per task of the element-wise loops
-constexpr int64_t kMaxCachedProbBytes = int64_t(256) << 20;  // probability cache cap (csrc/ops.cpp)
 
 // ---------------------------------------------------------------------------
 // Argument checks (the Python wrappers check first; these guard direct calls).
@@ -71,8 +91,7 @@ Dims check_inputs(const at::Tensor& query, const at::Tensor& key, const at::Tens
   TORCH_CHECK(value.size(0) == d.N && value.size(2) == d.Lk, "value: expected shape (", d.N, ", Cv, ", d.Lk,
               ") (batch of query, positions of key), got ", value.sizes());
   TORCH_CHECK(d.Lk > 0, "key: expected at least one position to attend to, got shape ", key.sizes());
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, "temperature: expected a finite value > 0, got ",
-              temperature);
+  check_soft_warp_temperature(temperature, query.scalar_type());
   return d;
 }
 
@@ -81,12 +100,13 @@ bool is_reduced_float(const at::Tensor& t) {
 }
 
 // The (N, Lq, Lk) probability cache in the accumulation dtype, or an empty (0,)
-// tensor when it would exceed kMaxCachedProbBytes (the rule of csrc/ops.cpp,
-// mirrored by the fake kernel in reid_kernels/_ops.py).
+// tensor when it would exceed soft_warp_prob_cache_bytes() (the fake kernel in
+// reid_kernels/_ops.py applies the same rule to the same cap).
 at::Tensor probability_cache(const Dims& d, const at::Tensor& query) {
   const auto acc = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t elem = acc == at::kDouble ? 8 : 4;
-  const bool fits = d.Lq == 0 || d.Lk == 0 || d.N <= kMaxCachedProbBytes / elem / d.Lq / d.Lk;
+  const int64_t cap = soft_warp_prob_cache_bytes();
+  const bool fits = d.Lq == 0 || d.Lk == 0 || d.N <= cap / elem / d.Lq / d.Lk;
   if (!fits) return at::empty({0}, query.options().dtype(acc));
   return at::empty({d.N, d.Lq, d.Lk}, query.options().dtype(acc));
 }
@@ -153,8 +173,7 @@ void inverse_column_norms(const T* x, int64_t C, int64_t cols, int64_t ld, T* in
 }
 
 // Divides a row of exponentials by its sum (the softmax's normaliser, eq. 2) and
-// returns the sum.  The forward and the backward's recomputation share it, so
-// both produce the same probabilities.
+// returns the sum.
 template <typename T>
 T normalize_row(T* row, int64_t Lk) {
   T sum = 0;
@@ -165,39 +184,51 @@ T normalize_row(T* row, int64_t Lk) {
 }
 
 // ---------------------------------------------------------------------------
-// Forward.
+// The softmax of eqs. 1-2, shared by the forward and the backward's recomputation.
 
-// In place on a block of raw products: scores[r, j] = q[:, p] . k[:, j] becomes
-// P[r, j] = softmax_j(t * inv_q[r] * inv_k[j] * scores[r, j]); lse[r] is the
-// log-sum-exp of the scaled logits (eq. 2).  The exponentials go through
-// at::exp_ on the whole block: ATen's vectorised exp is several times faster
-// than a scalar std::exp loop in this (generically compiled) file.
+// In place on a block of raw products: scores[r, j] = q[:, p] . k[:, j] becomes the
+// cosine S[r, j] = inv_q[r] * inv_k[j] * scores[r, j] (eq. 1).
 template <typename T>
-void softmax_block(at::Tensor& block, const T* inv_q, const T* inv_k, T t, float* lse) {
-  const int64_t rows = block.size(0), Lk = block.size(1);
+void cosines_in_place(at::Tensor& block, const T* inv_q, const T* inv_k) {
+  const int64_t Lk = block.size(1);
   T* scores = block.mutable_data_ptr<T>();
-  std::vector<T> top(rows);
-  parallel_over(rows, Lk, [&](int64_t r) {
+  parallel_over(block.size(0), Lk, [&](int64_t r) {
     T* s = scores + r * Lk;
-    const T scale = t * inv_q[r];
-    T m = -std::numeric_limits<T>::infinity();
-    for (int64_t j = 0; j < Lk; ++j) {
-      s[j] *= scale * inv_k[j];
-      m = std::max(m, s[j]);
-    }
-    for (int64_t j = 0; j < Lk; ++j) s[j] -= m;
-    top[r] = m;
-  });
-  block.exp_();
-  parallel_over(rows, Lk, [&](int64_t r) {
-    const T sum = normalize_row(scores + r * Lk, Lk);
-    lse[r] = static_cast<float>(top[r] + std::log(sum));
+    for (int64_t j = 0; j < Lk; ++j) s[j] *= inv_q[r] * inv_k[j];
   });
 }
 
+// prob[r, :] = softmax_j(t * cos[r, :]) (eq. 2); prob may be cos itself.  lse[r] (when
+// not null) is the log-sum-exp of the scaled logits.  Cosine first, then times t: the
+// logits stay within [-t, t] whatever the norms.  The exponentials go through at::exp_
+// on the whole block: ATen's vectorised exp is several times faster than a scalar
+// std::exp loop in this (generically compiled) file.
 template <typename T>
-void recompute_block(at::Tensor& scores_block, at::Tensor& prob_block, const T* inv_q, const T* inv_k, T t,
-                     const float* lse);
+void softmax_rows(const at::Tensor& cos_block, at::Tensor& prob_block, T t, float* lse) {
+  const int64_t rows = cos_block.size(0), Lk = cos_block.size(1);
+  const T* cos = cos_block.const_data_ptr<T>();
+  T* prob = prob_block.mutable_data_ptr<T>();
+  std::vector<T> top(rows);
+  parallel_over(rows, Lk, [&](int64_t r) {
+    const T* c = cos + r * Lk;
+    T* pr = prob + r * Lk;
+    T m = -std::numeric_limits<T>::infinity();
+    for (int64_t j = 0; j < Lk; ++j) {
+      pr[j] = t * c[j];
+      m = std::max(m, pr[j]);
+    }
+    for (int64_t j = 0; j < Lk; ++j) pr[j] -= m;
+    top[r] = m;
+  });
+  prob_block.exp_();
+  parallel_over(rows, Lk, [&](int64_t r) {
+    const T sum = normalize_row(prob + r * Lk, Lk);
+    if (lse != nullptr) lse[r] = static_cast<float>(top[r] + std::log(sum)) + (REID_MUTANT(3) ? 1.0f : 0.0f);
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Forward.
 
 // probs: this sample's (Lq, Lk) slice of the probability cache, or undefined.
 template <typename T>
@@ -209,20 +240,15 @@ void forward_sample(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   at::Tensor inv_q = at::empty({Lq}, q.options());
   at::Tensor inv_k = at::empty({Lk}, q.options());
   at::Tensor scratch = cached ? probs : at::empty({rows, Lk}, q.options());
-  at::Tensor raw_scores = cached ? at::empty({Lq, Lk}, q.options()) : at::Tensor();  // rows == Lq
+  const T t_used = REID_MUTANT(1) && !cached ? t * T(1.01) : t;
   inverse_column_norms(q.const_data_ptr<T>(), C, Lq, Lq, inv_q.mutable_data_ptr<T>(), static_cast<T*>(nullptr));
   inverse_column_norms(k.const_data_ptr<T>(), C, Lk, Lk, inv_k.mutable_data_ptr<T>(), static_cast<T*>(nullptr));
   for (int64_t p0 = 0; p0 < Lq; p0 += rows) {
     const int64_t pb = std::min(rows, Lq - p0);
     at::Tensor prob = scratch.narrow(0, cached ? p0 : 0, pb);
     at::mm_out(prob, q.narrow(1, p0, pb).t(), k);  // raw q . k, eq. 1 before scaling
-    if (cached) raw_scores.copy_(prob);
-    softmax_block(prob, inv_q.const_data_ptr<T>() + p0, inv_k.const_data_ptr<T>(), t, lse + p0);
-    if (cached) {
-      // Cache exactly what soft_warp_bwd would recompute from lse (same arithmetic): the
-      // gradients then do not depend on whether the cache was used.
-      recompute_block(raw_scores, prob, inv_q.const_data_ptr<T>() + p0, inv_k.const_data_ptr<T>(), t, lse + p0);
-    }
+    cosines_in_place(prob, inv_q.const_data_ptr<T>() + p0, inv_k.const_data_ptr<T>());
+    softmax_rows(prob, prob, t_used, lse + p0);
     at::Tensor out_blk = out.narrow(1, p0, pb);
     at::mm_out(out_blk, v, prob.t());  // eq. 4
   }
@@ -232,8 +258,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_warp_fwd_cpu(const at::Tenso
                                                                  const at::Tensor& value, double temperature) {
   const Dims d = check_inputs(query, key, value, temperature);
   if (is_reduced_float(query)) {  // compute in float32, return in the input dtype
-    auto [out, lse, probs] =
-        soft_warp_fwd_cpu(query.to(at::kFloat), key.to(at::kFloat), value.to(at::kFloat), temperature);
+    const double t = REID_MUTANT(5) ? temperature * 1.01 : temperature;
+    auto [out, lse, probs] = soft_warp_fwd_cpu(query.to(at::kFloat), key.to(at::kFloat), value.to(at::kFloat), t);
     return {out.to(query.scalar_type()), lse, probs};
   }
   at::Tensor out = at::empty({d.N, d.Cv, d.Lq}, query.options());
@@ -261,27 +287,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_warp_fwd_cpu(const at::Tenso
 //   grad_query[:, p] = key G^T[:, p] - radial_q[p] * a[p] * query[:, p],  a[p] = sum_j dS S
 //   grad_key[:, j]   = query G[:, j] - radial_k[j] * b[j] * key[:, j],    b[j] = sum_p dS S
 // (the radial terms are the gradient through the normalisation x / ||x||).
-
-// Recomputes a block: scores (raw products) -> cosines S, and P from lse,
-// renormalised so each row sums to one in the working precision.
-template <typename T>
-void recompute_block(at::Tensor& scores_block, at::Tensor& prob_block, const T* inv_q, const T* inv_k, T t,
-                     const float* lse) {
-  const int64_t rows = scores_block.size(0), Lk = scores_block.size(1);
-  T* scores = scores_block.mutable_data_ptr<T>();
-  T* prob = prob_block.mutable_data_ptr<T>();
-  parallel_over(rows, Lk, [&](int64_t r) {
-    T* s = scores + r * Lk;
-    T* pr = prob + r * Lk;
-    const T shift = static_cast<T>(lse[r]);
-    for (int64_t j = 0; j < Lk; ++j) {
-      s[j] *= inv_q[r] * inv_k[j];
-      pr[j] = t * s[j] - shift;
-    }
-  });
-  prob_block.exp_();
-  parallel_over(rows, Lk, [&](int64_t r) { normalize_row(prob + r * Lk, Lk); });
-}
 
 // In place: dprob (dP) -> G, scores (S) -> dS * S; coef[r] = radial_q[r] * a[r].
 template <typename T>
@@ -328,8 +333,8 @@ void subtract_radial(T* grad, const T* x, const T* coef, int64_t C, int64_t cols
 }
 
 template <typename T>
-void backward_sample(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const float* lse, T t, at::Tensor grad_q, at::Tensor grad_k, at::Tensor grad_v) {
+void backward_sample(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, T t,
+                     at::Tensor grad_q, at::Tensor grad_k, at::Tensor grad_v) {
   const int64_t C = q.size(0), Lq = q.size(1), Lk = k.size(1);
   const int64_t rows = rows_per_block(Lq, Lk);
   const auto opts = q.options();
@@ -349,7 +354,8 @@ void backward_sample(const at::Tensor& grad_out, const at::Tensor& q, const at::
     at::Tensor q_blk = q.narrow(1, p0, pb), go_blk = grad_out.narrow(1, p0, pb), gq_blk = grad_q.narrow(1, p0, pb);
 
     at::mm_out(s, q_blk.t(), k);
-    recompute_block(s, pr, inv_q.const_data_ptr<T>() + p0, inv_k.const_data_ptr<T>(), t, lse + p0);
+    cosines_in_place(s, inv_q.const_data_ptr<T>() + p0, inv_k.const_data_ptr<T>());
+    softmax_rows(s, pr, t, static_cast<float*>(nullptr));  // the forward's P, recomputed
     at::mm_out(g, go_blk.t(), v);  // dP
     score_gradients_block(pr.const_data_ptr<T>(), g.mutable_data_ptr<T>(), s.mutable_data_ptr<T>(), pb, Lk,
                           inv_q.const_data_ptr<T>() + p0, inv_k.const_data_ptr<T>(),
@@ -363,7 +369,7 @@ void backward_sample(const at::Tensor& grad_out, const at::Tensor& q, const at::
       at::mm_out(grad_k, q_blk, g);
     } else {
       grad_v.addmm_(go_blk, pr);
-      grad_k.addmm_(q_blk, g);
+      if (!REID_MUTANT(2)) grad_k.addmm_(q_blk, g);
     }
   }
   col_sums.mul_(radial_k);  // b[j] * radial_k[j]
@@ -451,21 +457,17 @@ void check_like_shape(const at::Tensor& t, const char* name, at::IntArrayRef sha
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_warp_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& query,
                                                                  const at::Tensor& key, const at::Tensor& value,
-                                                                 const at::Tensor& out, const at::Tensor& lse,
-                                                                 const at::Tensor& probs, double temperature) {
+                                                                 const at::Tensor& out, const at::Tensor& probs,
+                                                                 double temperature) {
   const Dims d = check_inputs(query, key, value, temperature);
   check_like_shape(grad_out, "grad_out", {d.N, d.Cv, d.Lq}, query);
   // The CPU backward never reads `out`; with the probability cache it may be empty, so a
   // caller can reuse the forward's output buffer (reid_kernels.cmalign does).
   if (!(out.numel() == 0 && probs.numel() > 0)) check_like_shape(out, "out", {d.N, d.Cv, d.Lq}, query);
-  TORCH_CHECK(lse.device().is_cpu() && lse.scalar_type() == at::kFloat && lse.is_contiguous(),
-              "lse: expected a contiguous float32 CPU tensor, got dtype ", lse.scalar_type(), " on ", lse.device());
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == d.N && lse.size(1) == d.Lq, "lse: expected shape (", d.N, ", ", d.Lq,
-              "), got ", lse.sizes());
   check_probs(probs, d, query);
   if (is_reduced_float(query)) {  // compute in float32, return in the input dtype
     const auto f = [](const at::Tensor& t) { return t.to(at::kFloat); };
-    auto [gq, gk, gv] = soft_warp_bwd_cpu(f(grad_out), f(query), f(key), f(value), f(out), lse, probs, temperature);
+    auto [gq, gk, gv] = soft_warp_bwd_cpu(f(grad_out), f(query), f(key), f(value), f(out), probs, temperature);
     const auto dtype = query.scalar_type();
     return {gq.to(dtype), gk.to(dtype), gv.to(dtype)};
   }
@@ -477,7 +479,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_warp_bwd_cpu(const at::Tenso
     return {grad_q, grad_k, grad_v};
   }
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "soft_warp_bwd_cpu", [&] {
-    const float* lse_ptr = lse.const_data_ptr<float>();
     const auto t = static_cast<scalar_t>(temperature);
     if (probs.numel() > 0) {
       for_each_sample(d.N, [&](int64_t n) {
@@ -488,9 +489,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_warp_bwd_cpu(const at::Tenso
       return;
     }
     for_each_sample(d.N, [&](int64_t n) {
-      backward_sample<scalar_t>(grad_out.select(0, n), query.select(0, n), key.select(0, n), value.select(0, n),
-                                lse_ptr + n * d.Lq, t, grad_q.select(0, n), grad_k.select(0, n),
-                                grad_v.select(0, n));
+      backward_sample<scalar_t>(grad_out.select(0, n), query.select(0, n), key.select(0, n), value.select(0, n), t,
+                                grad_q.select(0, n), grad_k.select(0, n), grad_v.select(0, n));
     });
   });
   return {grad_q, grad_k, grad_v};

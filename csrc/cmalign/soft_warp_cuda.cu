@@ -57,6 +57,7 @@
 #include <type_traits>
 
 #include "cuda_utils.cuh"
+#include "soft_warp_common.h"
 
 namespace reid_kernels {
 namespace cmalign_cuda {
@@ -620,7 +621,7 @@ void check_soft_warp_inputs(const at::Tensor& query, const at::Tensor& key, cons
               query.size(0), ", ", query.size(1), ", Lk) to match query ", query.sizes(), ", got ", key.sizes());
   TORCH_CHECK(value.size(0) == query.size(0) && value.size(2) == key.size(2), "value: expected shape (",
               query.size(0), ", Cv, ", key.size(2), ") to match query and key, got ", value.sizes());
-  TORCH_CHECK(std::isfinite(temperature), "temperature: expected a finite float, got ", temperature);
+  check_soft_warp_temperature(temperature, query.scalar_type());  // the CPU kernel's check
 }
 
 std::tuple<at::Tensor, at::Tensor> soft_warp_fwd_cuda(const at::Tensor& query, const at::Tensor& key,
@@ -664,7 +665,7 @@ std::tuple<at::Tensor, at::Tensor> soft_warp_fwd_cuda(const at::Tensor& query, c
 std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_warp_bwd_cuda(const at::Tensor& grad_out,
                                                                   const at::Tensor& query, const at::Tensor& key,
                                                                   const at::Tensor& value, const at::Tensor& out,
-                                                                  const at::Tensor& lse, double temperature) {
+                                                                  double temperature) {
   check_soft_warp_inputs(query, key, value, temperature);
   const int64_t N = query.size(0), C = query.size(1), Lq = query.size(2);
   const int64_t Lk = key.size(2), Cv = value.size(1);
@@ -675,11 +676,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_warp_bwd_cuda(const at::Tens
               ", got ", out.sizes());
   check_same(grad_out, "grad_out", query, "query");
   check_same(out, "out", query, "query");
-  TORCH_CHECK(lse.device() == query.device(), "lse: expected the device of query (", query.device(), "), got ",
-              lse.device());
-  TORCH_CHECK(lse.scalar_type() == at::kFloat, "lse: expected dtype float32, got ", lse.scalar_type());
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == N && lse.size(1) == Lq, "lse: expected shape (", N, ", ", Lq,
-              "), got ", lse.sizes());
   const c10::cuda::CUDAGuard guard(query.device());
 
   if (N == 0 || Lq == 0 || Lk == 0) {  // out is empty or identically zero: no gradient flows
@@ -698,8 +694,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_warp_bwd_cuda(const at::Tens
   const at::Tensor inv_norm_k = inverse_column_norms(key, stream);
   const at::Tensor delta = column_dots(dout, out_c, stream);  // delta[p] = dO[:, p] . out[:, p]
   const auto acc_options = query.options().dtype(acc_dtype(query.scalar_type()));
-  // The forward's lse, recomputed by kernel A in the accumulation dtype (bitwise
-  // the same values as `lse` for float32 accumulation, exact for float64).
+  // The forward's lse, recomputed by kernel A in the accumulation dtype (bitwise the
+  // forward's values for float32 accumulation, exact for float64, where the forward's
+  // float32 lse would be too coarse), so the backward takes no lse argument.
   at::Tensor lse_acc = at::empty({N, Lq}, acc_options);
   at::Tensor grad_query_hat = at::empty({N, C, Lq}, acc_options);
   at::Tensor grad_key_hat = at::empty({N, C, Lk}, acc_options);
@@ -759,11 +756,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_warp_fwd_cuda_op(const at::T
 std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_warp_bwd_cuda_op(const at::Tensor& grad_out,
                                                                      const at::Tensor& query, const at::Tensor& key,
                                                                      const at::Tensor& value, const at::Tensor& out,
-                                                                     const at::Tensor& lse, const at::Tensor& probs,
-                                                                     double temperature) {
+                                                                     const at::Tensor& probs, double temperature) {
   TORCH_CHECK(probs.numel() == 0,
               "probs: expected an empty tensor (the CUDA forward caches no probabilities), got shape ", probs.sizes());
-  return soft_warp_bwd_cuda(grad_out, query, key, value, out, lse, temperature);
+  return soft_warp_bwd_cuda(grad_out, query, key, value, out, temperature);
 }
 
 }  // namespace

@@ -7,7 +7,8 @@
 // (clamp's convention: the gradient passes at h == 0):
 //   grad_p = -g (a-p)/d+,  grad_n = g (a-n)/d-,  grad_a = -(grad_p + grad_n)
 // where a term whose distance is exactly 0 contributes 0 (torch.linalg.vector_norm's
-// subgradient).  The weight is a constant (LbA's detached co-attention): no gradient.
+// subgradient).  NaN follows the reference: a NaN distance gives NaN gradients on all its
+// channels; an inactive hinge passes exactly 0, even times a NaN weight (clamp's backward).  The weight is a constant (LbA's detached co-attention): no gradient.
 #pragma once
 
 #include <ATen/ATen.h>

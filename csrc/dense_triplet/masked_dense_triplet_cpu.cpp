@@ -81,10 +81,14 @@ void backward_kernel(const scalar_t* grad, const scalar_t* a, const scalar_t* p,
         const double d_pos = std::sqrt(pos_coef[j]);
         const double d_neg = std::sqrt(neg_coef[j]);
         const int64_t idx = n * g.positions + l0 + j;
-        const double active = (d_pos - d_neg + margin >= 0.0) ? 1.0 : 0.0;
-        const double upstream = static_cast<double>(grad[idx]) * static_cast<double>(w[idx]) * active;
-        pos_coef[j] = d_pos > 0.0 ? upstream / d_pos : 0.0;
-        neg_coef[j] = d_neg > 0.0 ? upstream / d_neg : 0.0;
+        // An inactive hinge passes exactly 0 (not 0 * weight): a NaN or inf weight there gives a
+        // zero gradient, as the reference's clamp backward (and the CUDA kernel) do.
+        const bool active = d_pos - d_neg + margin >= 0.0;
+        const double upstream = active ? static_cast<double>(grad[idx]) * static_cast<double>(w[idx]) : 0.0;
+        // 0 where a distance is exactly 0 (vector_norm's subgradient); a NaN distance passes NaN
+        // to every channel, as the reference's norm backward (x / ||x||) does.
+        pos_coef[j] = d_pos > 0.0 || std::isnan(d_pos) ? upstream / d_pos : 0.0;
+        neg_coef[j] = d_neg > 0.0 || std::isnan(d_neg) ? upstream / d_neg : 0.0;
       }
       for (int64_t c = 0; c < g.channels; ++c) {
         const int64_t base = (n * g.channels + c) * g.positions + l0;

@@ -105,8 +105,9 @@ __global__ void backward_kernel(const scalar_t* __restrict__ grad, const scalar_
       // clamp's convention: the gradient passes where the hinge is exactly 0.
       const bool active = d_pos - d_neg + margin >= acc_t(0);
       const acc_t upstream = active ? static_cast<acc_t>(grad[i]) * static_cast<acc_t>(w[i]) : acc_t(0);
-      cp = d_pos > acc_t(0) ? upstream / d_pos : acc_t(0);
-      cn = d_neg > acc_t(0) ? upstream / d_neg : acc_t(0);
+      // 0 where a distance is exactly 0; NaN where it is NaN (the reference's norm backward).
+      cp = d_pos > acc_t(0) || isnan(d_pos) ? upstream / d_pos : acc_t(0);
+      cn = d_neg > acc_t(0) || isnan(d_neg) ? upstream / d_neg : acc_t(0);
     }
     pos_coef[threadIdx.x] = cp;
     neg_coef[threadIdx.x] = cn;

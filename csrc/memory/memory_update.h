@@ -31,8 +31,7 @@ inline UpdateMode parse_mode(const std::string& mode) {
   TORCH_CHECK(false, "mode: expected 'sequential', 'mean' or 'hard', got '", mode, "'");
 }
 
-// Checks shared by both backends; the label range is checked by each backend
-// (on CUDA that would need a device sync, see memory_update_cuda.cu).
+// Checks shared by both backends (check_label_range below too).
 inline void check_update_args(const at::Tensor& memory, const at::Tensor& features, const at::Tensor& labels,
                               double momentum) {
   TORCH_CHECK(memory.dim() == 2, "memory: expected a 2-D (rows, dim) tensor, got shape ", memory.sizes());
@@ -57,6 +56,20 @@ inline void check_update_args(const at::Tensor& memory, const at::Tensor& featur
   // features must not be a view into the bank: the update would read rows it has already written.
   at::assert_no_overlap(memory, features);
   TORCH_CHECK(momentum >= 0.0 && momentum <= 1.0, "momentum: expected a value in [0, 1], got ", momentum);
+}
+
+// labels[i] in [0, rows), checked in the operator on both devices with the same message, so a
+// direct torch.ops.reid_kernels.memory_update_ call on CUDA raises instead of tripping a
+// device-side assert (which would break the CUDA context).  On CUDA this costs one
+// device->host copy of the labels (one int64 per sample, small next to the features) and a sync.
+inline void check_label_range(const at::Tensor& labels, int64_t rows) {
+  if (labels.numel() == 0) return;
+  const at::Tensor y = labels.contiguous().cpu();
+  const int64_t* v = y.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < y.numel(); ++i) {
+    TORCH_CHECK(v[i] >= 0 && v[i] < rows, "labels: expected values in [0, ", rows, ") (memory rows), got ", v[i],
+                " at position ", i);
+  }
 }
 
 }  // namespace memory

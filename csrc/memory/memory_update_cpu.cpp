@@ -129,15 +129,6 @@ void update_run(scalar_t* memory, const scalar_t* features, const int64_t* order
   if (normalize) scale_to_unit(row, sum_sq, dim);
 }
 
-void check_label_range(const at::Tensor& labels, int64_t rows) {
-  if (labels.numel() == 0) return;
-  const int64_t* y = labels.data_ptr<int64_t>();
-  for (int64_t i = 0; i < labels.numel(); ++i) {
-    TORCH_CHECK(y[i] >= 0 && y[i] < rows, "labels: expected values in [0, ", rows, ") (memory rows), got ", y[i],
-                " at position ", i);
-  }
-}
-
 void memory_update_cpu(at::Tensor memory, const at::Tensor& features, const at::Tensor& labels, double momentum,
                        c10::string_view mode_name, bool normalize) {
   check_update_args(memory, features, labels, momentum);

@@ -61,7 +61,7 @@ __global__ void memory_update_kernel(scalar_t* __restrict__ memory, const acc_t*
   if (begin > 0 && sorted_labels[begin - 1] == label) return;  // not the first sample of its label
   if (label < 0 || label >= rows) {
     CUDA_KERNEL_ASSERT(false && "memory_update_: label out of range");
-    return;  // the Python wrapper checks the range before launching
+    return;  // unreachable: memory_update_cuda checks the range before launching
   }
   int64_t end = begin + 1;
   while (end < batch && sorted_labels[end] == label) ++end;
@@ -124,6 +124,7 @@ void memory_update_cuda(at::Tensor memory, const at::Tensor& features, const at:
                         c10::string_view mode_name, bool normalize) {
   check_update_args(memory, features, labels, momentum);
   const UpdateMode mode = parse_mode(std::string(mode_name));
+  check_label_range(labels, memory.size(0));  // before the launch: the kernel's assert is a last resort
   const int64_t batch = features.size(0);
   if (batch == 0) return;
   TORCH_CHECK(batch <= std::numeric_limits<int32_t>::max(), "features: expected at most 2^31-1 rows, got ", batch);

@@ -1,0 +1,189 @@
+"""Mutation check: would the tests catch a wrong kernel?  (A developer's tool; not run in CI.)
+
+    .venv/bin/python scripts/mutate.py                 # every mutant, the kernel tests
+    .venv/bin/python scripts/mutate.py 1 3 101         # chosen mutants
+    .venv/bin/python scripts/mutate.py --list
+    .venv/bin/python scripts/mutate.py 2 --tests tests/test_soft_warp_paths.py
+
+Each C++ mutant is a deliberately injected bug behind ``#if REID_MUTANT(k)`` in csrc/ (see
+csrc/mutation.h): the script copies the working tree (tracked and untracked, not ignored files) to
+build/mutants/tree, builds the CPU extension there with ``-DREID_MUTATION=k`` (CFLAGS), and runs the
+tests from that copy, so they import the mutant build and never touch the in-place one.  Python
+mutants (k >= 100) wrap a function with a wrong version at test time (this file is also the pytest
+plugin that does it).  A mutant is *caught* when at least one test fails, *survived* when all pass.
+Exit status: 0 when every mutant was caught.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TREE = ROOT / "build" / "mutants" / "tree"
+KERNEL_TESTS = [
+    "tests/test_soft_warp_paths.py",
+    "tests/test_cmalign.py",
+    "tests/test_cmalign_errors.py",
+    "tests/test_dense_triplet.py",
+]
+
+# k: (what the bug is, the tests that should catch it)
+MUTANTS = {
+    1: ("CPU soft_warp without the probability cache: forward uses a 1% higher temperature", KERNEL_TESTS),
+    2: ("CPU soft_warp without the cache: key gradient dropped for every query block after the first", KERNEL_TESTS),
+    3: ("CPU soft_warp: lse is one too large", KERNEL_TESTS),
+    4: ("CPU probability-cache cap 128 MiB instead of 256 MiB", KERNEL_TESTS),
+    5: ("CPU soft_warp on float16 / bfloat16: a 1% higher temperature", KERNEL_TESTS),
+    101: ("lba_pairs: negatives drawn from the anchor's own modality", ["tests/test_lba_pairs_contract.py"]),
+    102: ("lba_pairs: positives drawn from the anchor's own modality", ["tests/test_lba_pairs_contract.py"]),
+}
+PY_MUTANT_ENV = "REID_PY_MUTANT"
+
+
+# ---------------------------------------------------------------------------
+# Python mutants: this module is loaded as a pytest plugin (-p mutate) in the test run.
+
+
+def _other_half(idx, half):
+    return (idx + half) % (2 * half)
+
+
+def _mutant_lba_pairs(real, k):
+    def lba_pairs(num_ids, num_pos, *args, **kwargs):
+        pos, neg = real(num_ids, num_pos, *args, **kwargs)
+        half = num_ids * num_pos
+        if k == 101:  # the same image slot in the anchor's own half: own modality, another identity
+            neg = _other_half(neg, half)
+        else:  # 102: the positive's slot in the anchor's own half: own modality, same identity
+            pos = _other_half(pos, half)
+        return pos, neg
+
+    return lba_pairs
+
+
+def pytest_configure(config):
+    k = int(os.environ.get(PY_MUTANT_ENV, "0"))
+    if k not in (101, 102):
+        return
+    import reid_kernels
+    import reid_kernels.cmalign as cmalign_module
+    import reid_kernels.pairs as pairs_module
+
+    mutant = _mutant_lba_pairs(pairs_module.lba_pairs, k)
+    for module in (reid_kernels, pairs_module, cmalign_module):
+        module.lba_pairs = mutant
+    try:
+        import reid_kernels.nn as nn_module
+
+        if hasattr(nn_module, "lba_pairs"):
+            nn_module.lba_pairs = mutant
+    except ImportError:
+        pass
+
+
+# ---------------------------------------------------------------------------
+# The driver.
+
+
+def _copy_tree() -> None:
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True, capture_output=True
+    ).stdout.decode().split("\0")
+    if TREE.exists():
+        shutil.rmtree(TREE)
+    for name in filter(None, files):
+        source = ROOT / name
+        if source.is_file():
+            target = TREE / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+
+
+def _build(k: int, log) -> bool:
+    """Builds the CPU extension in place in the copy, with REID_MUTATION=k.  For k = 0 (the real
+    kernels, under the Python mutants and the baseline) it copies the in-place build instead, which
+    `make install` keeps current."""
+    for old in TREE.glob("reid_kernels/_C*.so"):
+        old.unlink()
+    in_place = sorted(ROOT.glob("reid_kernels/_C*.so"))
+    if k == 0 and in_place:
+        shutil.copy2(in_place[0], TREE / "reid_kernels" / in_place[0].name)
+        return True
+    env = dict(os.environ, REID_KERNELS_NO_CUDA="1", CFLAGS=f"{os.environ.get('CFLAGS', '')} -DREID_MUTATION={k}")
+    done = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=TREE, env=env,
+                          stdout=log, stderr=subprocess.STDOUT)
+    return done.returncode == 0
+
+
+def _run_tests(tests, py_mutant: int, log) -> int:
+    env = dict(os.environ, PYTHONPATH=f"{TREE}{os.pathsep}{TREE / 'scripts'}")
+    env[PY_MUTANT_ENV] = str(py_mutant)
+    env.pop("REID_KERNELS_SOFT_WARP_CACHE_BYTES", None)
+    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "mutate", "-p", "no:cacheprovider", *tests]
+    return subprocess.run(command, cwd=TREE, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+
+
+def _check_imports_the_copy(log) -> None:
+    env = dict(os.environ, PYTHONPATH=str(TREE))
+    where = subprocess.run([sys.executable, "-c", "import reid_kernels._C as c; print(c.__file__)"], cwd=TREE,
+                           env=env, capture_output=True, text=True).stdout.strip()
+    if not where.startswith(str(TREE)):
+        sys.exit(f"mutate: the tests would import {where!r}, not the mutant build under {TREE}")
+    print(f"   imports {where}", file=log, flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mutants", nargs="*", type=int, help="mutant numbers (default: all)")
+    parser.add_argument("--tests", nargs="+", help="test files or ids to run instead of each mutant's own")
+    parser.add_argument("--baseline", action="store_true", help="first check that the unmutated build passes")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    args = parser.parse_args()
+    if args.list:
+        for k, (what, tests) in MUTANTS.items():
+            print(f"{k:4d}  {what}  [{', '.join(tests)}]")
+        return 0
+    chosen = args.mutants or sorted(MUTANTS, key=lambda k: (k < 100, k))  # Python mutants first: no build
+    unknown = [k for k in chosen if k not in MUTANTS]
+    if unknown:
+        parser.error(f"unknown mutants {unknown}; --list shows them")
+
+    _copy_tree()
+    log_path = TREE.parent / "mutate.log"
+    results = []
+    with open(log_path, "w") as log:
+        plan = ([0] if args.baseline else []) + chosen
+        built = None  # the REID_MUTATION value of the current build in the copy
+        for k in plan:
+            what, tests = MUTANTS.get(k, ("no mutation (baseline)", KERNEL_TESTS))
+            tests = args.tests or tests
+            start = time.time()
+            print(f"== mutant {k}: {what}", file=log, flush=True)
+            cxx = 0 if k >= 100 else k
+            if built != cxx:
+                if not _build(cxx, log):
+                    results.append((k, what, "build failed", time.time() - start))
+                    continue
+                _check_imports_the_copy(log)
+                built = cxx
+            code = _run_tests(tests, k if k >= 100 else 0, log)
+            if k == 0:
+                verdict = "passes" if code == 0 else f"FAILS (pytest exit {code})"
+            else:
+                verdict = {0: "SURVIVED", 1: "caught"}.get(code, f"error (pytest exit {code})")
+            results.append((k, what, verdict, time.time() - start))
+            print(f"   -> {verdict}", file=log, flush=True)
+    for k, what, verdict, seconds in results:
+        print(f"{k:4d}  {verdict:10s}  {seconds:6.0f} s  {what}")
+    print(f"(log: {log_path})")
+    ok = all(v == "caught" or (k == 0 and v == "passes") for k, _, v, _ in results)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
