@@ -155,6 +155,34 @@ def test_every_table3_switch_runs_and_backpropagates(ic, dt, coattention, sites)
     assert model.visible_stem.conv1.weight.grad is not None
 
 
+@pytest.mark.parametrize("weighting, eps", [("lba-code", 1e-6), ("paper", 0.0)])
+def test_dense_triplet_is_cmalign_with_the_configured_weighting_and_eps(weighting, eps):
+    """The recipe's DT term is cmalign(..., weighting, eps) on the pairs its generator draws; the
+    default is the released code's (lba-code, 1e-6), which differs from the paper's form."""
+    import reid_kernels
+
+    cfg = load_config("lba_synth", ["loss.ic=false", "loss.sites=[5]", f"loss.dt_weighting={weighting}",
+                                    f"loss.dt_eps={eps}"])
+    torch.manual_seed(0)
+    model = ReIDBackbone(num_classes=4, depth=10, width=8, stem_stride=1)
+    cfg["sampler"].update(num_ids=4, num_pos=2)
+    recipe = LbARecipe(cfg, num_classes=4, seed=0)
+    labels = torch.arange(4).repeat_interleave(2)
+    batch = Batch(two(torch.randn(8, 3, H, W), torch.randn(8, 3, H, W)), two(labels, labels))
+    out = model(batch.images)
+    _, logs = recipe.losses(model, batch, out)
+    twin = LbARecipe(cfg, num_classes=4, seed=0)  # the same generator state: the same pairs
+    pos, neg = reid_kernels.lba_pairs(4, 2, twin.generator, negative_draw="lba-code")
+    fmap = out.feat4.detach().float()
+    expected = reid_kernels.cmalign(fmap, pos, neg, 50.0, 0.3, weighting=weighting, eps=eps).loss
+    other = reid_kernels.cmalign(fmap, pos, neg, 50.0, 0.3, weighting="paper" if weighting == "lba-code" else
+                                 "lba-code", eps=eps).loss
+    assert float(logs["dt5"]) == pytest.approx(float(expected), rel=1e-6)
+    assert float(logs["dt5"]) != pytest.approx(float(other), rel=1e-3)
+    defaults = load_config("lba_synth")["loss"]
+    assert (defaults["dt_weighting"], defaults["dt_eps"]) == ("lba-code", 1e-6)
+
+
 # --- engine ------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_training_lowers_loss_and_beats_untrained_model(synth_root, tmp_path):

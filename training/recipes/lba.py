@@ -21,6 +21,11 @@ generator, separately at each site and every step. ``loss.negative_draw`` defaul
 permutation of the image positions of their negative identities, ``random.sample`` there),
 which produced the published numbers of Learning by Aligning (ICCV 2021);
 ``"independent"`` (the library's default) draws each negative image independently.
+Likewise ``loss.dt_weighting`` defaults to ``"lba-code"``, the released code's dense-triplet
+weighting as it ran on torch 1.7 (which produced the published numbers): per position, the
+batch-mean co-attention times the batch-mean hinge; ``"paper"`` weights each anchor's hinge by
+its own co-attention (eq. 10). ``loss.dt_eps`` = 1e-6 is the released code's distance
+(``TripletMarginLoss`` adds it to every difference); 0 is the paper's.
 """
 from __future__ import annotations
 
@@ -61,7 +66,8 @@ class LbARecipe(Recipe):
     SITES = (4, 5)
     DEFAULTS = {
         "loss": {"ic": True, "dt": True, "coattention": True, "sites": [4, 5], "lambda_ic": 1.0, "lambda_dt": 0.5,
-                 "beta": 50.0, "dt_margin": 0.3, "triplet_margin": 0.3, "negative_draw": "lba-code"},
+                 "beta": 50.0, "dt_margin": 0.3, "triplet_margin": 0.3, "negative_draw": "lba-code",
+                 "dt_weighting": "lba-code", "dt_eps": 1e-6},
         # LbA's settings: two-stream (stem-specific) ResNet-50, fixed GeM p = 3, pooled test descriptor.
         "model": {"stems": 2, "non_local": False, "gem_learnable": False},
         # SGD (Nesterov) backbone 0.01 / head 0.1, warm-up 10 epochs, x0.1 at 20 and 50, 81 epochs.
@@ -75,6 +81,7 @@ class LbARecipe(Recipe):
         "lambda_ic": v.number(0), "lambda_dt": v.number(0), "beta": v.number(0, lo_open=True),
         "dt_margin": v.number(0), "triplet_margin": v.number(0),
         "negative_draw": v.choice(*reid_kernels.pairs.NEGATIVE_DRAWS),
+        "dt_weighting": v.choice("paper", "lba-code"), "dt_eps": v.number(0),
     }
 
     def __init__(self, cfg: dict, num_classes: int, seed: int = 0):
@@ -118,7 +125,8 @@ class LbARecipe(Recipe):
             pos_idx, neg_idx = pos_idx.to(fmap.device), neg_idx.to(fmap.device)
             # CMAlign in float32 even under AMP: beta = 50 sharpens the softmax past bf16/fp16 precision.
             with torch.autocast(fmap.device.type, enabled=False):
-                aligned = reid_kernels.cmalign(fmap, pos_idx, neg_idx, cfg["beta"], cfg["dt_margin"])
+                aligned = reid_kernels.cmalign(fmap, pos_idx, neg_idx, cfg["beta"], cfg["dt_margin"],
+                                               weighting=cfg["dt_weighting"], eps=cfg["dt_eps"])
             if cfg["dt"]:
                 if cfg["coattention"]:
                     dt = aligned.loss  # eqs. 10-11, weighted by the co-attention A (eq. 9)
@@ -126,7 +134,7 @@ class LbARecipe(Recipe):
                     ones = torch.ones_like(aligned.comask)
                     with torch.autocast(fmap.device.type, enabled=False):
                         dt = masked_dense_triplet(fmap, aligned.recon_pos, aligned.recon_neg, ones,
-                                                 cfg["dt_margin"])
+                                                  cfg["dt_margin"], eps=cfg["dt_eps"])
                 dt_total = dt_total + dt
                 logs[f"dt{site}"] = dt.detach()
             if cfg["ic"]:
