@@ -7,6 +7,7 @@ import torch.nn.functional as _F
 
 from ._validate import check_bool as _check_bool
 from ._validate import check_choice as _check_choice
+from .dense_triplet import check_weighting_and_eps as _check_weighting_and_eps
 from ._validate import check_finite_float as _check_finite_float
 from ._validate import check_float_in as _check_float_in
 from ._validate import check_index_range as _check_index_range
@@ -45,6 +46,9 @@ class CMAlign(torch.nn.Module):
         negative_draw: how those drawn negatives pick their images, see
             :func:`reid_kernels.lba_pairs` (``"independent"``, default, or the released
             code's ``"lba-code"``).
+        weighting, eps: the dense triplet's co-attention weighting (``"paper"``, default, or the
+            released code's ``"lba-code"``) and distance offset (default 0; the code's 1e-6), see
+            :func:`reid_kernels.cmalign`.
 
     Partners: pass ``pos_idx`` / ``neg_idx`` (indices into the concatenated
     batch), or let the module draw fresh ones with :func:`reid_kernels.lba_pairs`
@@ -54,16 +58,18 @@ class CMAlign(torch.nn.Module):
     """
 
     def __init__(self, temperature: float = 50.0, margin: float = 0.3, num_pos: int = 4, *,
-                 negative_draw: str = "independent"):
+                 negative_draw: str = "independent", weighting: str = "paper", eps: float = 0.0):
         super().__init__()
         self.temperature = _check_positive_float("temperature", temperature)
         self.margin = _check_finite_float("margin", margin)
         self.num_pos = _check_int("num_pos", num_pos, 1)
         self.negative_draw = _check_choice("negative_draw", negative_draw, _NEGATIVE_DRAWS)
+        self.eps = _check_weighting_and_eps(weighting, eps)
+        self.weighting = weighting
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, margin={self.margin}, num_pos={self.num_pos}, "
-                f"negative_draw={self.negative_draw!r}")
+                f"negative_draw={self.negative_draw!r}, weighting={self.weighting!r}, eps={self.eps}")
 
     def forward(
         self,
@@ -96,7 +102,7 @@ class CMAlign(torch.nn.Module):
             pos_idx, neg_idx = _lba_pairs(batch // per_id, per_id, generator=generator,
                                           negative_draw=self.negative_draw)
         feat = torch.cat([feat_v, feat_t], dim=0)
-        return _cmalign(feat, pos_idx, neg_idx, self.temperature, self.margin)
+        return _cmalign(feat, pos_idx, neg_idx, self.temperature, self.margin, weighting=self.weighting, eps=self.eps)
 
 
 # ---- Memory banks ----

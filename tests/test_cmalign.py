@@ -244,16 +244,22 @@ def test_soft_warp_gradcheck(device):
 
 
 def test_cmalign_reduced_precision_cpu():
-    """float16 / bfloat16 features on the CPU: every stage runs in float32, results in the input dtype."""
+    """float16 / bfloat16 features on the CPU: every stage runs in float32, results in the input dtype,
+    so the result is the float32 reference on the rounded input, rounded once."""
     pos_idx, neg_idx = reid_kernels.lba_pairs(2, 2, generator=torch.Generator().manual_seed(5))
     feat = _maps((8, 16, 4, 3), torch.float32, "cpu", seed=24)
-    expected = reference.cmalign(feat, pos_idx, neg_idx, temperature=10.0)
-    for dtype in (torch.float16, torch.bfloat16):
+    # Measured against the reference on the rounded input (reconstructions of magnitude <= 3, loss 0.149):
+    # float16 recon 1.3e-3, loss 1.5e-5 (half an ulp: 2e-3 at 3, 6e-5 at 0.15); bfloat16 recon 1.6e-2,
+    # loss 7.5e-5. A 1% temperature error moves recon by 1.8e-2: float16's bound catches it; bfloat16's
+    # own rounding is as large, so only its scale is checked.
+    bounds = {torch.float16: (2e-3, 6e-5), torch.bfloat16: (2.5e-2, 5e-4)}
+    for dtype, (recon_tol, loss_tol) in bounds.items():
         x = feat.to(dtype).requires_grad_()
+        expected = reference.cmalign(x.detach().float(), pos_idx, neg_idx, temperature=10.0)
         out = reid_kernels.cmalign(x, pos_idx, neg_idx, temperature=10.0)
         assert out.recon_pos.dtype == dtype and out.loss.dtype == dtype
-        torch.testing.assert_close(out.recon_pos.float(), expected.recon_pos, atol=5e-2, rtol=5e-2)
-        torch.testing.assert_close(out.loss.float(), expected.loss, atol=5e-2, rtol=5e-2)
+        torch.testing.assert_close(out.recon_pos.float(), expected.recon_pos, atol=recon_tol, rtol=0)
+        torch.testing.assert_close(out.loss.float(), expected.loss, atol=loss_tol, rtol=0)
         (grad,) = torch.autograd.grad(out.loss, (x,))
         assert grad.dtype == dtype and torch.isfinite(grad.float()).all()
 
@@ -386,6 +392,24 @@ def test_module_matches_functional(device):
     drawn.loss.backward()
     assert feat_v.grad is not None and feat_t.grad is not None
     assert "temperature=20.0" in repr(module)
+
+
+def test_module_passes_weighting_and_eps():
+    module = CMAlign(temperature=20.0, margin=0.2, num_pos=2, weighting="lba-code", eps=1e-6)
+    feat_v = _dyadic_maps((6, 8, 4, 3), torch.float64, "cpu", seed=43)
+    feat_t = _dyadic_maps((6, 8, 4, 3), torch.float64, "cpu", seed=44)
+    pos_idx, neg_idx = reid_kernels.lba_pairs(3, 2, generator=torch.Generator().manual_seed(45))
+    out = module(feat_v, feat_t, pos_idx, neg_idx)
+    feat = torch.cat([feat_v, feat_t])
+    code = reference.cmalign(feat, pos_idx, neg_idx, 20.0, 0.2, weighting="lba-code", eps=1e-6)
+    paper = reference.cmalign(feat, pos_idx, neg_idx, 20.0, 0.2)
+    _assert_close(out.loss, code.loss, MASKED_TOL[torch.float64], "lba-code loss")
+    assert abs(float(out.loss) - float(paper.loss)) > 1e-6
+    assert "weighting='lba-code'" in repr(module)
+    with pytest.raises(ValueError, match="weighting"):
+        CMAlign(weighting="broadcast")
+    with pytest.raises(ValueError, match="eps"):
+        CMAlign(eps=-1.0)
 
 
 # ---------------------------------------------------------------------------

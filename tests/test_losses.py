@@ -779,6 +779,7 @@ def test_proxy_cycle_temperature_is_required():
         losses.proxy_cycle(torch.randn(2, 3), torch.randn(2, 3))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_mixed_devices_rejected():
     with pytest.raises(ValueError, match="labels: expected a tensor on cuda"):

@@ -118,6 +118,7 @@ def test_torch_inputs_blocks_and_dtypes_agree():
     assert_same_as_reference(evaluate_ranking(d32.tolist(), q_pids.tolist(), g_pids, q_cams, g_cams, 10), ref32)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu():
     dist, q_pids, g_pids, q_cams, g_cams = random_sysu_case(5)
