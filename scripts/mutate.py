@@ -39,8 +39,8 @@ MUTANTS = {
     3: ("CPU soft_warp: lse is one too large", KERNEL_TESTS),
     4: ("CPU probability-cache cap 128 MiB instead of 256 MiB", KERNEL_TESTS),
     5: ("CPU soft_warp on float16 / bfloat16: a 1% higher temperature", KERNEL_TESTS),
-    101: ("lba_pairs: negatives drawn from the anchor's own modality", ["tests/test_lba_pairs_contract.py"]),
-    102: ("lba_pairs: positives drawn from the anchor's own modality", ["tests/test_lba_pairs_contract.py"]),
+    101: ("lba_pairs: negatives drawn from the anchor's own modality", ["tests/test_pairs.py"]),
+    102: ("lba_pairs: positives drawn from the anchor's own modality", ["tests/test_pairs.py"]),
 }
 PY_MUTANT_ENV = "REID_PY_MUTANT"
 
