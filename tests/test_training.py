@@ -129,14 +129,9 @@ def test_batch_hard_triplet_value():
     assert batch_hard_triplet(feats, labels, 2.0).item() == pytest.approx((1.0 + 0.0 + 0.5 + 0.0) / 4)
 
 
-@pytest.mark.parametrize("ic, dt, coattention, sites", [
-    (False, False, True, [4, 5]), (True, False, True, [4, 5]), (False, True, True, [4, 5]),
-    (False, True, False, [4, 5]), (True, True, False, [4, 5]), (True, True, True, [4]), (True, True, True, [5]),
-    (True, True, True, [4, 5]),
-])
-def test_every_table3_switch_runs_and_backpropagates(ic, dt, coattention, sites):
-    cfg = load_config("lba_synth", [f"loss.ic={ic}", f"loss.dt={dt}", f"loss.coattention={coattention}",
-                                    f"loss.sites={sites}"])
+def lba_step(overrides):
+    """(model, config, output, loss, logs) of one LbA step on a random 4 ids x 2 batch."""
+    cfg = load_config("lba_synth", overrides)
     torch.manual_seed(0)
     model = ReIDBackbone(num_classes=4, depth=10, width=8, stem_stride=1)
     cfg["sampler"].update(num_ids=4, num_pos=2)
@@ -144,7 +139,17 @@ def test_every_table3_switch_runs_and_backpropagates(ic, dt, coattention, sites)
     labels = torch.arange(4).repeat_interleave(2)
     batch = Batch(two(torch.randn(8, 3, H, W), torch.randn(8, 3, H, W)), two(labels, labels))
     out = model(batch.images)
-    loss, logs = recipe.losses(model, batch, out)
+    return (model, cfg, out) + recipe.losses(model, batch, out)
+
+
+@pytest.mark.parametrize("ic, dt, coattention, sites", [
+    (False, False, True, [4, 5]), (True, False, True, [4, 5]), (False, True, True, [4, 5]),
+    (False, True, False, [4, 5]), (True, True, False, [4, 5]), (True, True, True, [4]), (True, True, True, [5]),
+    (True, True, True, [4, 5]),
+])
+def test_every_table3_switch_runs_and_backpropagates(ic, dt, coattention, sites):
+    model, _, _, loss, logs = lba_step([f"loss.ic={ic}", f"loss.dt={dt}", f"loss.coattention={coattention}",
+                                        f"loss.sites={sites}"])
     loss.backward()
     assert torch.isfinite(loss)
     assert ("ic4" in logs) == (ic and 4 in sites) and ("dt5" in logs) == (dt and 5 in sites)
@@ -161,16 +166,8 @@ def test_dense_triplet_is_cmalign_with_the_configured_weighting_and_eps(weightin
     default is the released code's (lba-code, 1e-6), which differs from the paper's form."""
     import reid_kernels
 
-    cfg = load_config("lba_synth", ["loss.ic=false", "loss.sites=[5]", f"loss.dt_weighting={weighting}",
-                                    f"loss.dt_eps={eps}"])
-    torch.manual_seed(0)
-    model = ReIDBackbone(num_classes=4, depth=10, width=8, stem_stride=1)
-    cfg["sampler"].update(num_ids=4, num_pos=2)
-    recipe = LbARecipe(cfg, num_classes=4, seed=0)
-    labels = torch.arange(4).repeat_interleave(2)
-    batch = Batch(two(torch.randn(8, 3, H, W), torch.randn(8, 3, H, W)), two(labels, labels))
-    out = model(batch.images)
-    _, logs = recipe.losses(model, batch, out)
+    _, cfg, out, _, logs = lba_step(["loss.ic=false", "loss.sites=[5]", f"loss.dt_weighting={weighting}",
+                                     f"loss.dt_eps={eps}"])
     twin = LbARecipe(cfg, num_classes=4, seed=0)  # the same generator state: the same pairs
     pos, neg = reid_kernels.lba_pairs(4, 2, twin.generator, negative_draw="lba-code")
     fmap = out.feat4.detach().float()
