@@ -2,15 +2,14 @@
 transcriptions, the epoch-start refresh, Table-3 switches, training, resume, evaluate --json."""
 import json
 import os
-import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 from ddp_util import rank_env, run_ranks
 
-from train_helpers import (H, W, assert_same_state, make_trainer, small_config, straight_and_resumed, tiny_synth,
-                           train_and_evaluate)
+from train_helpers import (H, W, assert_same_state, cli_train_then_evaluate, make_trainer, small_config,
+                           straight_and_resumed, tiny_synth, train_and_evaluate)
 
 from training.config import ConfigError, load_config
 from training.data import Batch, channel_exchange
@@ -355,28 +354,16 @@ def test_resume_mid_run_is_bit_exact_with_banks_and_history(synth_root, tmp_path
 
 
 @pytest.mark.slow
-def test_train_then_evaluate_json_and_rerank(synth_root, tmp_path, capsys):
-    from training.evaluate import main as evaluate_main
-    from training.train import main as train_main
-
-    out = str(tmp_path / "cli")
-    args = ["--config", "mce_synth", "--data-root", synth_root, "--out", out, "data.height=32", "data.width=16",
-            "data.pad=2", "model.width=8", "train.epochs=1", "train.max_steps_per_epoch=2", "train.progress=false",
-            "eval.trials=1", "sampler.num_ids=4", "sampler.num_pos=2"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        assert train_main(args) == 0
-    path = tmp_path / "out.json"
-    assert evaluate_main(["--checkpoint", os.path.join(out, "final.pt"), "--json", str(path), "eval.trials=2"]) == 0
-    rows = json.loads(path.read_text())["rows"]
+def test_train_then_evaluate_json_and_rerank(synth_root, tmp_path):
+    results = cli_train_then_evaluate("mce_synth", synth_root, tmp_path,
+                                      [("eval.trials=2",), ("eval.trials=2", "eval.rerank=k_reciprocal"),
+                                       ("eval.trials=2", "eval.rerank=aim")])
+    rows = results[0]
     assert rows[0]["setting"] == "all / single-shot"
     assert set(rows[0]) == {"setting", "mAP", "R1", "R10", "R20", "mINP"}
     assert 0 < rows[0]["mAP"] <= 100 and rows[0]["R1"] <= rows[0]["R10"] <= rows[0]["R20"] <= 100
-    for rerank in ("k_reciprocal", "aim"):
-        other = tmp_path / f"{rerank}.json"
-        assert evaluate_main(["--checkpoint", os.path.join(out, "final.pt"), "--json", str(other), "eval.trials=2",
-                              f"eval.rerank={rerank}"]) == 0
-        assert json.loads(other.read_text())["rows"][0]["mAP"] != rows[0]["mAP"]
+    for reranked in results[1:]:
+        assert reranked[0]["mAP"] != rows[0]["mAP"]
 
 
 def _ddp_worker(rank, world, port, root, out, queue):

@@ -1,9 +1,7 @@
 """PECA on the recipe interface: ICAL images against eq. 2, GSL's stop-gradient, the centroid
 memory against the closed form of eq. 9, every loss against a transcription of its equation,
 the ablation switches, training, resume, DDP and the CLI."""
-import json
 import os
-import warnings
 
 import pytest
 import torch
@@ -11,7 +9,7 @@ import torch.nn.functional as F
 from ddp_util import rank_env, run_ranks
 
 from train_helpers import H, W, assert_same_state, make_trainer, small_config, straight_and_resumed, tiny_synth
-from train_helpers import train_and_evaluate
+from train_helpers import cli_train_then_evaluate, train_and_evaluate
 
 from training.data import (Batch, BatchSpec, ICAL_VARIANTS, ImageCache, ModalityDataset, TrainTransform, ical_image,
                            ical_mix, load_trainset, normalize)
@@ -426,17 +424,5 @@ def test_ddp_two_processes_keep_weights_and_memory_identical(synth_root, tmp_pat
 
 @pytest.mark.slow
 def test_train_then_evaluate_json(synth_root, tmp_path):
-    from training.evaluate import main as evaluate_main
-    from training.train import main as train_main
-
-    out = str(tmp_path / "cli")
-    args = ["--config", "peca_synth", "--data-root", synth_root, "--out", out, "data.height=32", "data.width=16",
-            "data.pad=2", "model.width=8", "train.epochs=1", "train.max_steps_per_epoch=2", "train.progress=false",
-            "eval.trials=1", "sampler.num_ids=4", "sampler.num_pos=2"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        assert train_main(args) == 0
-    path = tmp_path / "out.json"
-    assert evaluate_main(["--checkpoint", os.path.join(out, "final.pt"), "--json", str(path), "eval.trials=2"]) == 0
-    rows = json.loads(path.read_text())["rows"]
+    (rows,) = cli_train_then_evaluate("peca_synth", synth_root, tmp_path, [("eval.trials=2",)])
     assert rows[0]["setting"] == "all / single-shot" and 0 < rows[0]["mAP"] <= 100

@@ -1,16 +1,14 @@
 """SAAI on the recipe interface: SAFL against eqs. 1-3, the dual BNNeck, the composite loss with the
 released code's constants, Table-4 switches, AIM in the evaluation, training and resume."""
-import json
 import os
-import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 from ddp_util import rank_env, run_ranks
 
-from train_helpers import (H, W, assert_same_state, make_trainer, small_config, straight_and_resumed, tiny_synth,
-                           train_and_evaluate)
+from train_helpers import (H, W, assert_same_state, cli_train_then_evaluate, make_trainer, small_config,
+                           straight_and_resumed, tiny_synth, train_and_evaluate)
 
 from training.config import ConfigError, load_config
 from training.data import Batch
@@ -226,21 +224,10 @@ def test_resume_is_bit_exact_with_the_ema_classifiers(synth_root, tmp_path):
 
 @pytest.mark.slow
 def test_train_then_evaluate_json_with_and_without_aim(synth_root, tmp_path):
-    from training.evaluate import main as evaluate_main
-    from training.train import main as train_main
-
-    out = str(tmp_path / "cli")
-    args = ["--config", "saai_synth", "--data-root", synth_root, "--out", out, "data.height=32", "data.width=16",
-            "data.pad=2", "model.width=8", "train.epochs=1", "train.max_steps_per_epoch=2", "train.progress=false",
-            "eval.trials=1", "sampler.num_ids=4", "sampler.num_pos=2"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        assert train_main(args) == 0
-    for rerank, first in (("aim", "all / single-shot + aim"), ("none", "all / single-shot")):
-        path = tmp_path / f"{rerank}.json"
-        assert evaluate_main(["--checkpoint", os.path.join(out, "final.pt"), "--json", str(path),
-                              f"eval.rerank={rerank}"]) == 0
-        rows = json.loads(path.read_text())["rows"]
+    settings = (("aim", "all / single-shot + aim"), ("none", "all / single-shot"))
+    results = cli_train_then_evaluate("saai_synth", synth_root, tmp_path,
+                                      [(f"eval.rerank={rerank}",) for rerank, _ in settings])
+    for rows, (_, first) in zip(results, settings):
         assert rows[0]["setting"] == first and 0 < rows[0]["mAP"] <= 100
 
 

@@ -1,4 +1,6 @@
 """Shared pieces of the recipe tests: a tiny synthetic set, small configs, trainers, resume runs."""
+import json
+import os
 import warnings
 
 import torch
@@ -69,3 +71,24 @@ def train_and_evaluate(cfg, root):
     trainer.close()
     after = evaluate(trainer.model, root, cfg)["summary"]["mAP"]
     return before, after, [h["loss"] for h in result["history"]], result["history"]
+
+
+def cli_train_then_evaluate(config: str, root: str, tmp_path, evaluations=((),)):
+    """``training.train --config config`` for 2 small steps, then ``training.evaluate --checkpoint
+    final.pt --json`` once per tuple of overrides in ``evaluations``; returns each run's JSON rows."""
+    from training.evaluate import main as evaluate_main
+    from training.train import main as train_main
+
+    out = str(tmp_path / "cli")
+    args = ["--config", config, "--data-root", root, "--out", out, "data.height=32", "data.width=16",
+            "data.pad=2", "model.width=8", "train.epochs=1", "train.max_steps_per_epoch=2", "train.progress=false",
+            "eval.trials=1", "sampler.num_ids=4", "sampler.num_pos=2"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert train_main(args) == 0
+    results = []
+    for i, overrides in enumerate(evaluations):
+        path = tmp_path / f"eval{i}.json"
+        assert evaluate_main(["--checkpoint", os.path.join(out, "final.pt"), "--json", str(path), *overrides]) == 0
+        results.append(json.loads(path.read_text())["rows"])
+    return results
