@@ -26,7 +26,7 @@ from ..evaluate import evaluate
 from ..features import extract_features
 from ..recipes import TrainContext, build_model, recipe_class
 from . import distributed
-from .checkpoint import FORMAT, atomic_save, read_checkpoint, rng_state, seed_everything, set_rng_state
+from .checkpoint import FORMAT, CheckpointError, atomic_save, read_checkpoint, rng_state, seed_everything, set_rng_state
 from .logs import TensorBoard, close_logger, fmt, make_logger, null_logger, progress
 from .schedule import EpochSchedule, build_optimizer
 
@@ -165,7 +165,7 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         ranks = state.get("ranks") or [{"rng": state["rng"], "recipe": state["recipe"]}]
         if len(ranks) != self.world_size:
-            raise ValueError(f"--resume: {path} was written by {len(ranks)} process(es); resume it with as many, "
+            raise CheckpointError(f"--resume: {path} was written by {len(ranks)} process(es); resume it with as many, "
                              f"not {self.world_size}")
         self.recipe.load_state_dict(ranks[self.rank]["recipe"])
         self.scaler.load_state_dict(state["scaler"])
