@@ -66,6 +66,8 @@ def test_a_finished_run_is_not_replaced_without_resume_or_overwrite(tmp_path, sy
     open(os.path.join(out, "last.pt.tmp.999999"), "wb").write(b"half a checkpoint")
     assert run(args + ["--overwrite"], capsys)[0] == 0
     assert not any(".tmp." in name for name in os.listdir(out))  # the stale temporary is cleaned
+    log = open(os.path.join(out, "train.log")).read()
+    assert log.count("run: recipe") == 1  # the replaced run's log went with it
 
 
 def test_overrides_anywhere_and_after_resume(tmp_path, synth_root, capsys):

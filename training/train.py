@@ -94,10 +94,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.resume and not args.overwrite and (existing := _existing_run(cfg["out"])):
         return _refuse(f"--out: {cfg['out']} already holds a run ({existing}); pass --resume to continue "
                        "it, --overwrite to replace it, or choose another --out")
-    return _run(cfg, resume, check_data=not args.skip_data_check)
+    return _run(cfg, resume, check_data=not args.skip_data_check, fresh_log=args.overwrite and not args.resume)
 
 
-def _run(cfg: dict, resume: Optional[str], check_data: bool) -> int:
+def _run(cfg: dict, resume: Optional[str], check_data: bool, fresh_log: bool = False) -> int:
     """Train with the run's logger in place: from here on every line also goes to train.log."""
     from .data import DatasetError
     from .engine.checkpoint import CheckpointError
@@ -105,7 +105,11 @@ def _run(cfg: dict, resume: Optional[str], check_data: bool) -> int:
     from .engine.logs import close_logger, file_only, make_logger, warnings_to
     from .engine.loop import Trainer
 
-    log = make_logger(cfg["out"], distributed_env()[0])
+    rank = distributed_env()[0]
+    old_log = os.path.join(cfg["out"], "train.log")
+    if fresh_log and rank == 0 and os.path.isfile(old_log):
+        os.remove(old_log)  # --overwrite replaces the run: its log starts with this run
+    log = make_logger(cfg["out"], rank)
     try:
         with warnings_to(log):
             trainer = Trainer(cfg, check_data=check_data, log=log)
