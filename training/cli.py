@@ -1,7 +1,10 @@
-"""What every training CLI shares: a bad argument is one line on stderr and exit status 2."""
+"""What every training CLI shares: a bad argument or a known failure is one line on stderr and
+exit status 2; an unexpected error keeps its traceback."""
 from __future__ import annotations
 
 import argparse
+import sys
+from typing import Callable, Optional, Tuple, Type
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -15,3 +18,22 @@ class ArgumentParser(argparse.ArgumentParser):
 def parser(module: str, **kwargs) -> ArgumentParser:
     """The parser of ``python -m training.<module>``."""
     return ArgumentParser(prog=f"python -m training.{module}", **kwargs)
+
+
+def one_line_failures(run: Callable[[], int], errors: Optional[Tuple[Type[BaseException], ...]] = None) -> int:
+    """``run()``, with a config error printed as ``config error: ...`` and any of ``errors`` (default:
+    checkpoint, dataset and missing-file errors) as ``error: ...``, one line on stderr, exit status 2."""
+    from .config import ConfigError
+    from .data import DatasetError
+    from .engine.checkpoint import CheckpointError
+
+    if errors is None:
+        errors = (CheckpointError, DatasetError, FileNotFoundError)
+    try:
+        return run()
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
+    except errors as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2

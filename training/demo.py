@@ -246,8 +246,7 @@ def paired_differences(runs, keys) -> List[str]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .cli import parser as cli_parser
-    from .config import ConfigError
+    from .cli import one_line_failures, parser as cli_parser
     from .data import DatasetError
     from .engine.checkpoint import CheckpointError
 
@@ -283,20 +282,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else []
     except ValueError:
         parser.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
-    try:
+
+    def run_and_report() -> int:
         result = run_demo(args.out, rows, args.config, args.overrides, updates, visualise=not args.no_figure,
                           seeds=seeds)
-    except ConfigError as error:
-        print(f"config error: {error}", file=sys.stderr)
-        return 2
-    except (CheckpointError, DatasetError, DemoError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print()
-    print(result["table"])
-    if result["figure"]:
-        print(f"correspondence figure: {result['figure']}")
-    return 0
+        print()
+        print(result["table"])
+        if result["figure"]:
+            print(f"correspondence figure: {result['figure']}")
+        return 0
+
+    return one_line_failures(run_and_report, (CheckpointError, DatasetError, DemoError))
 
 
 if __name__ == "__main__":

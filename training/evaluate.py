@@ -117,18 +117,9 @@ def json_rows(rows: List[Dict[str, object]]) -> Dict[str, object]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .config import ConfigError
-    from .data import DatasetError
-    from .engine.checkpoint import CheckpointError
+    from .cli import one_line_failures
 
-    try:
-        return _main(argv)
-    except ConfigError as error:
-        print(f"config error: {error}", file=sys.stderr)
-        return 2
-    except (CheckpointError, DatasetError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return one_line_failures(lambda: _main(argv))
 
 
 def _main(argv: Optional[List[str]] = None) -> int:

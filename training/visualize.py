@@ -144,10 +144,7 @@ def visualize(model, root: str, cfg: dict, out_path: str, pid: Optional[int] = N
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .cli import parser as cli_parser
-    from .config import ConfigError
-    from .data import DatasetError
-    from .engine.checkpoint import CheckpointError
+    from .cli import one_line_failures, parser as cli_parser
 
     parser = cli_parser("visualize", description="Draw LbA-style correspondences of a trained model.")
     parser.add_argument("--checkpoint", required=True)
@@ -159,15 +156,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.pairs < 1:
         parser.error(f"--pairs: expected at least 1 pair to draw, got {args.pairs}")
-    try:
-        path = _draw(args)
-    except ConfigError as error:
-        print(f"config error: {error}", file=sys.stderr)
-        return 2
-    except (CheckpointError, DatasetError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"wrote {path}")
+    return one_line_failures(lambda: _draw_and_report(args))
+
+
+def _draw_and_report(args) -> int:
+    print(f"wrote {_draw(args)}")
     return 0
 
 
