@@ -29,6 +29,8 @@ from typing import Dict, Tuple
 
 import torch
 
+from .transforms import luma
+
 # variant -> for each output channel R, G, B: the visible channel kept (0, 1, 2) or None for infrared
 ICAL_VARIANTS: Dict[str, Tuple] = {
     "RG": (0, 1, None),
@@ -45,8 +47,7 @@ def infrared_channel(infrared: torch.Tensor) -> torch.Tensor:
     """(H, W) uint8 luma of a (3, H, W) uint8 infrared image (its channel when all three agree)."""
     if infrared.dtype != torch.uint8 or infrared.dim() != 3 or infrared.shape[0] != 3:
         raise ValueError(f"infrared: expected a (3, H, W) uint8 image, got {tuple(infrared.shape)} {infrared.dtype}")
-    x = infrared.float()
-    return (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]).round().clamp(0, 255).to(torch.uint8)
+    return luma(infrared)
 
 
 def ical_mix(visible: torch.Tensor, infrared: torch.Tensor, variant: str) -> torch.Tensor:

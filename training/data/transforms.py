@@ -44,6 +44,11 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     return (x.float() / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
 
 
+def luma(x: torch.Tensor) -> torch.Tensor:
+    """(H, W) uint8 ITU-R 601 luma of a (3, H, W) uint8 image, as PIL's ``convert("L")``."""
+    return (0.299 * x[0].float() + 0.587 * x[1].float() + 0.114 * x[2].float()).round().to(torch.uint8)
+
+
 def _uniform(g: torch.Generator, low: float = 0.0, high: float = 1.0) -> float:
     return low + (high - low) * float(torch.rand((), generator=g))
 
@@ -75,9 +80,8 @@ class TrainTransform:
         return x
 
     def _channel(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        if self.channel_aug == "grayscale":  # ITU-R 601 luma, as PIL's convert("L")
-            grey = (0.299 * x[0].float() + 0.587 * x[1].float() + 0.114 * x[2].float()).round().to(torch.uint8)
-            return grey.expand(3, -1, -1).contiguous()
+        if self.channel_aug == "grayscale":
+            return luma(x).expand(3, -1, -1).contiguous()
         c = int(torch.randint(3, (), generator=g))  # CAJ exchange / SAAI copy: one channel -> all three
         return x[c].expand(3, -1, -1).contiguous()
 
