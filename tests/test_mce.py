@@ -1,6 +1,5 @@
 """MCE on the recipe interface: backbone options, the recipe's losses and banks against loop
 transcriptions, the epoch-start refresh, Table-3 switches, training, resume, evaluate --json."""
-import json
 import os
 
 import pytest

@@ -56,12 +56,16 @@ BANKS = ("v", "r", "a", "u")
 MODALITY_BANK = {"visible": "v", "infrared": "r", "auxiliary": "a"}
 
 
+def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per-class means of ``features`` (rows of absent classes: zero), not re-normalised."""
+    sums = features.new_zeros((num_classes, features.shape[1])).index_add_(0, labels, features)
+    counts = torch.bincount(labels, minlength=num_classes).clamp_min(1).unsqueeze(1).to(sums.dtype)
+    return sums / counts
+
+
 def class_centroids(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """L2-normalised per-class means (eq. 1); rows of absent classes are zero."""
-    feats = features.float()
-    sums = feats.new_zeros((num_classes, feats.shape[1])).index_add_(0, labels, feats)
-    counts = torch.bincount(labels, minlength=num_classes).clamp_min(1).unsqueeze(1).to(sums.dtype)
-    return F.normalize(sums / counts, dim=1)
+    return F.normalize(class_means(features.float(), labels, num_classes), dim=1)
 
 
 def proxy_kl(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:

@@ -74,6 +74,7 @@ from .. import validators as v
 from ..data import Batch, BatchSpec, rows_of
 from ..models import feature_dim
 from .base import Recipe, TrainContext, unwrap
+from .mce import class_means
 
 REAL = ("visible", "infrared")
 PART_NAMES = ("upper", "middle", "lower")
@@ -128,13 +129,6 @@ def weighted_regularized_triplet(features: torch.Tensor, labels: torch.Tensor) -
 def similarity_loss(projected: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
     """Eq. 1: ``-cos(f^g, sg(f^s))`` averaged over rows; ``local`` carries no gradient."""
     return -(F.normalize(projected.float(), dim=1) * F.normalize(local.detach().float(), dim=1)).sum(dim=1).mean()
-
-
-def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Eqs. 7-8: the per-class mean of ``features`` (rows of absent classes: zero), not re-normalised."""
-    sums = features.new_zeros((num_classes, features.shape[1])).index_add_(0, labels, features)
-    counts = torch.bincount(labels, minlength=num_classes).clamp_min(1).unsqueeze(1).to(sums.dtype)
-    return sums / counts
 
 
 # --- GSL: part crops and the global-to-local MLPs ---------------------------------------------
@@ -285,7 +279,7 @@ class PECARecipe(Recipe):
         start = time.time()
         for bank, modality in (("v", "visible"), ("ir", "infrared")):
             feats, labels = ctx.extract(modality, self.loss_cfg["feature"])
-            means = class_means(F.normalize(feats, dim=1), labels, self.num_classes)
+            means = class_means(F.normalize(feats, dim=1), labels, self.num_classes)  # eqs. 7-8
             if self.loss_cfg["memory_normalize"]:
                 means = F.normalize(means, dim=1)
             self.memory.memory(bank).copy_(means)
