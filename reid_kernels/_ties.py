@@ -52,9 +52,7 @@ def identical_rows(x: torch.Tensor) -> Optional[RowGroups]:
     if n < 2:
         return None
     bits = _bit_patterns(x)
-    gen = torch.Generator().manual_seed(0x5EED)
-    weights = torch.randint(-(1 << 62), 1 << 62, (bits.shape[1],), generator=gen, dtype=torch.int64).to(x.device)
-    weights |= 1  # odd multipliers
+    weights = _hash_weights(bits.shape[1]).to(x.device)
     # integer arithmetic (wrapping): exact, so copies hash alike whatever the order of the sum
     hashes = torch.cat([(bits[s : s + _HASH_ROWS] * weights).sum(1) for s in range(0, n, _HASH_ROWS)])
     _, inverse = torch.unique(hashes, return_inverse=True)
@@ -68,6 +66,12 @@ def identical_rows(x: torch.Tensor) -> Optional[RowGroups]:
         _, inverse = torch.unique(bits, dim=0, return_inverse=True)
         groups = _first_occurrence_groups(inverse, n)
     return groups
+
+
+def _hash_weights(width: int) -> torch.Tensor:
+    """Fixed odd random multipliers of the row hash (a fixed seed: the same groups on every run)."""
+    gen = torch.Generator().manual_seed(0x5EED)
+    return torch.randint(-(1 << 62), 1 << 62, (width,), generator=gen, dtype=torch.int64) | 1
 
 
 def _first_occurrence_groups(inverse: torch.Tensor, n: int) -> Optional[RowGroups]:
