@@ -29,6 +29,13 @@ def normalised(x):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+def assert_no_near_tie(scores, k, tol):
+    """Each row's k+1 best scores (largest first) are more than ``tol`` apart, so the top-k indices are
+    the same for any summation order whose error stays below tol/2 (float32: ~1e-6 here)."""
+    best = -np.sort(-np.asarray(scores, dtype=np.float64), axis=1)[:, : k + 1]
+    assert (best[:, :-1] - best[:, 1:]).min() > tol, "near-tied test data: the expected indices are not defined"
+
+
 def brute_force(q, db, k):
     scores = normalised(q) @ normalised(db).T
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
@@ -41,6 +48,11 @@ def test_exact_search_matches_brute_force_with_tiles(device, metric):
     db = torch.from_numpy(clustered(301, seed=2)).to(device)
     full = q @ db.T if metric == "ip" else torch.cdist(q, db) ** 2
     ref_s, ref_i = torch.sort(full, dim=1, descending=(metric == "ip"), stable=True)
+    # another product than the tiles' (and cdist for l2): indices compared only because no two of the
+    # 11 best are within 1e-4 (smallest gap 8.9e-4 for ip, 2.1e-3 for l2; float32 error ~1e-5)
+    q64, db64 = q.cpu().double(), db.cpu().double()
+    exact = q64 @ db64.T if metric == "ip" else -torch.cdist(q64, db64) ** 2
+    assert_no_near_tie(exact, 10, 1e-4)
     for qb, dbb in [(4096, 1 << 18), (5, 17)]:  # one tile; many tiles with a running merge
         s, i = exact_search(q, db, 10, metric=metric, query_block=qb, database_block=dbb)
         assert torch.equal(i, ref_i[:, :10])
@@ -132,6 +144,9 @@ def test_flat_index_is_exact(backend, kind):
     result = index.search(q, k=8, batch_size=16)
     assert isinstance(result, SearchResult)
     ref_s, ref_i = brute_force(q, db, 8)
+    # numpy's product and FAISS's / torch's differ by float32 rounding (<= 1e-6 on these cosines); the
+    # 9 best cosines of a row are >= 1.05e-5 apart (measured), so the indices are defined
+    assert_no_near_tie(normalised(q.astype(np.float64)) @ normalised(db.astype(np.float64)).T, 8, 5e-6)
     assert np.array_equal(result.ids, ref_i)
     assert np.allclose(result.scores, ref_s, atol=1e-5)
     pids, camids, paths = index.metadata(result.ids[:2])
@@ -169,6 +184,8 @@ def test_remove_save_load_roundtrip(tmp_path, backend, kind):
     if kind != "hnsw":  # flat and fully probed IVF are exact on the survivors
         keep = np.setdiff1d(np.arange(300), removed)
         _, ref = brute_force(q, db[keep], 5)
+        # indices of another product: defined because no two of the 6 best are close (smallest gap 1.0e-3)
+        assert_no_near_tie(normalised(q.astype(np.float64)) @ normalised(db[keep].astype(np.float64)).T, 5, 1e-4)
         assert np.array_equal(result.ids, keep[ref])
     path = tmp_path / "gallery.npz"
     index.save(path)
