@@ -36,7 +36,8 @@ def _bit_patterns(x: torch.Tensor) -> torch.Tensor:
     hash then has half or a quarter of the multiplications), one element per word otherwise.
     -0.0 and 0.0 count as different: a missed merge only costs the guarantee for those rows."""
     x = x.contiguous()
-    if (x.shape[1] * x.element_size()) % 8 == 0:
+    per_word = max(1, 8 // x.element_size())
+    if x.shape[1] % per_word == 0 and x.storage_offset() % per_word == 0:  # (a view of int64 words)
         return x.view(torch.int64)
     return x.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]).long()
 

@@ -29,6 +29,15 @@ def test_identical_rows_groups(dim, dtype):
     assert identical_rows(base) is None and identical_rows(base[:1]) is None
 
 
+def test_identical_rows_of_a_view_at_an_odd_offset():
+    """A contiguous float32 view starting at an odd element cannot be viewed as int64 words."""
+    storage = torch.arange(1.0, 22.0)
+    storage[11:21] = storage[1:11]
+    x = storage[1:].view(10, 2)  # rows 0-4 repeated as rows 5-9
+    groups = identical_rows(x)
+    assert groups.inverse.tolist() == [0, 1, 2, 3, 4] * 2 and groups.first.tolist() == [0, 1, 2, 3, 4]
+
+
 def test_identical_rows_survives_hash_collisions(monkeypatch):
     """With every hash equal (a zero multiplier), the check against each group's first row fails and
     the exact sort of the rows decides."""
