@@ -204,6 +204,7 @@ def test_k_reciprocal_independent_of_threads_and_blocks(k1, k2):
         expected_graph = _knn_and_row_max(*_distinct(x), max(k1 + 1, k2), 2048)[0]
         dense_one_thread = k_reciprocal_rerank_dense(q, g, k1, k2)
     np.testing.assert_allclose(expected.numpy(), dense_one_thread, rtol=0, atol=2e-6)
+    np.testing.assert_allclose(dense_one_thread, zhong_reference(q, g, k1, k2, 0.3), rtol=0, atol=2e-6)
     for n in THREAD_COUNTS:
         with threads(n):
             np.testing.assert_allclose(k_reciprocal_rerank_dense(q, g, k1, k2), dense_one_thread, rtol=0, atol=2e-6)
