@@ -273,7 +273,7 @@ def _rank_block_counting(dist, q_code, g_code, g_cam, discard_cam2, num_ids, col
     if keep is not None:
         at_match &= keep
     padded = torch.arange(width, device=dev)[None, :] >= num_rel[:, None]
-    repeated = ((match_dist[:, 1:] == match_dist[:, :-1]) & ~padded[:, 1:]).any(1)
+    repeated = _matches_share_a_distance(match_dist, padded)
     tied = valid & ((at_match.sum(1) > num_rel) | repeated | row_has_inf)
 
     # histogram of buckets over kept items (discarded ones go to an extra bin), per row
@@ -301,6 +301,12 @@ def _rank_block_counting(dist, q_code, g_code, g_cam, discard_cam2, num_ids, col
         cmc_rank = closer[:, 0] + 1
     cmc_rank = torch.where(valid, cmc_rank, torch.zeros_like(cmc_rank))
     return cmc_rank, ap, inp, tied
+
+
+def _matches_share_a_distance(match_dist: torch.Tensor, padded: torch.Tensor) -> torch.Tensor:
+    """Rows where two true matches have one distance: counting would give both the rank of the
+    first (``searchsorted`` puts them in one bucket), the stable sort ranks the second after it."""
+    return ((match_dist[:, 1:] == match_dist[:, :-1]) & ~padded[:, 1:]).any(1)
 
 
 def _rank_block(dist, q_code, g_code, g_cam, discard_cam2, num_ids, collapse):

@@ -26,6 +26,13 @@ k-reciprocal re-ranking
     items tied at the k-th place are kept. Both agree with a transcription of the public
     ``re_ranking`` to float32 rounding (tests/test_rerank.py), for any k1, k2.
 
+    Duplicates (the same image twice in the gallery, or a query also in the gallery): both
+    versions compute the distances on the distinct rows only and give every copy the computed
+    values (reid_kernels._ties), so copies tie exactly -- not merely to the last bit of a blocked,
+    threaded product -- and the neighbour ranking, hence every set the algorithm builds, is the
+    same for every thread count, block size and CPU. What still depends on them is the float32
+    rounding of the values (~1e-7), and with it the order of two *different* items closer than that.
+
 AIM (SAAI: Visible-Infrared Person Re-Identification via Semantic Alignment and Affinity
     Inference, ICCV 2023; eqs. 6-10), :func:`aim`
     A_qg, A_gg cosine similarities of the L2-normalised features; eq. 6 keeps, in each
@@ -52,6 +59,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ._ties import RowGroups, expand_copies, identical_rows, order_by_key_then_index, stable_smallest
 from ._validate import check_float_in, check_int
 from .retrieval import exact_search
 
@@ -124,49 +132,63 @@ def aim(qf, gf, k1: int = 4, k2: int = 1, *, form: str = "code", method: str = "
 
     ``qf`` (Nq, D) and ``gf`` (Ng, D) are L2-normalised inside. ``k1`` is clamped to
     Ng; ``k2`` must not exceed ``k1``. Computed on the device of ``qf``.
+
+    Duplicates: identical gallery rows get bit-identical similarities, so they tie exactly at
+    eq. 6's threshold (both kept) and in eq. 7's ranking (equal similarities by lowest index),
+    for every query block, thread count and CPU; the products are computed on the distinct
+    gallery rows and gathered, so with ``method="dense"`` (and ``"knn"`` in the code form) their
+    columns of the result are bit-identical too. Other values carry the products' float
+    rounding (which depends on the blocking and the CPU).
     """
     if form not in ("code", "paper"):
         raise ValueError(f"form: expected 'code' (released code) or 'paper' (eqs. 8-10), got {form!r}")
     if method not in ("auto", "dense", "knn"):
         raise ValueError(f"method: expected 'auto', 'dense' or 'knn', got {method!r}")
     q = F.normalize(_features("qf", qf), dim=1)
-    g = F.normalize(_features("gf", gf, q.shape[1]), dim=1).to(device=q.device, dtype=q.dtype)
-    k1 = min(_positive_int("k1", k1), g.shape[0])
+    g_raw = _features("gf", gf, q.shape[1]).to(device=q.device, dtype=q.dtype)
+    g_raw_distinct, groups = _distinct(g_raw)
+    gu = F.normalize(g_raw_distinct, dim=1)  # distinct rows normalised once: copies get equal bits
+    num_g = g_raw.shape[0]
+    k1 = min(_positive_int("k1", k1), num_g)
     k2 = _positive_int("k2", k2)
     query_block = _positive_int("query_block", query_block)
     if k2 > k1:
         raise ValueError(f"k2: expected k2 <= k1 = {k1} (neighbours come from the top-k1 ranking), got {k2}")
     if method == "auto":
-        method = "dense" if g.shape[0] <= _AIM_DENSE_MAX_GALLERY else "knn"
+        method = "dense" if num_g <= _AIM_DENSE_MAX_GALLERY else "knn"
 
-    # Ã_gg (eq. 7), as a dense matrix or a sparse COO matrix (rows of the k2 neighbours averaged).
+    # Ã_gg (eq. 7), for the distinct gallery rows (dense) or all rows (sparse COO, k2 neighbours averaged).
     if method == "dense":
-        a_gg = g @ g.T
-        neighbours = a_gg.topk(k1, dim=1).indices[:, :k2]
-        expanded = _keep_top(a_gg, k1)[neighbours].mean(dim=1)
+        a_gg = _spread(gu @ gu.T, groups, 1)  # (distinct, Ng)
+        neighbours = stable_smallest(-a_gg, k2)  # the k2 most similar, equal values by index
+        rows = neighbours if groups is None else groups.inverse[neighbours]
+        expanded = _keep_top(a_gg, k1)[rows].mean(dim=1)  # (distinct, Ng)
+        if form == "code":  # amendment[i, j] = sum_l rn(Â_qg)[i, l] rn(Ã_gg)[j, l], j distinct
+            right = F.normalize(expanded, dim=1).T
+        else:  # amendment[i, j] = sum_l Â_qg[i, l] Ã_gg[l, j], j distinct
+            right = _spread(expanded if groups is None else expanded[:, groups.first], groups, 0)
     else:
-        expanded = _aim_expanded_sparse(g, k1, k2)
-
-    if form == "code":
-        if method == "dense":
-            expanded_rn = F.normalize(expanded, dim=1)
-        else:
-            expanded_rn = _row_normalise_sparse(expanded)
-        right = expanded_rn  # product with rn(Â_qg) rows: rn(Â_qg) @ rn(Ã_gg)^T
-    else:
-        right = expanded.T if method == "dense" else _transpose_sparse(expanded)  # Â_qg @ Ã_gg
+        expanded = _aim_expanded_sparse(_spread(gu, groups, 0), k1, k2)
+        if form == "code":
+            right = _row_normalise_sparse(expanded)
+            if groups is not None:  # copies have equal rows of Ã (exact_search's duplicate rule)
+                right = right.index_select(0, groups.first).coalesce()
+        else:  # Ã's columns: copies can differ where one is cut at a row's k1-th place
+            right = _transpose_sparse(expanded)
+    right_is_distinct = groups is not None and (method == "dense" or form == "code")
 
     out = []
     for start in range(0, q.shape[0], query_block):
-        a_qg = q[start : start + query_block] @ g.T
+        a_qg = _spread(q[start : start + query_block] @ gu.T, groups, 1)
         sparse_qg = _keep_top(a_qg, k1)
         if form == "code":
             sparse_qg = F.normalize(sparse_qg, dim=1)
-        # amendment[i, j] = sum_l sparse_qg[i, l] * right[j, l]
         if method == "dense":
-            amendment = sparse_qg @ right.T
+            amendment = sparse_qg @ right
         else:
             amendment = torch.sparse.mm(right, sparse_qg.T).T
+        if right_is_distinct:
+            amendment = _spread(amendment, groups, 1)
         base = -a_qg if form == "code" else 1.0 - a_qg
         out.append(base - amendment)
     return torch.cat(out)
@@ -214,13 +236,34 @@ def _squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return d.clamp_(min=0)
 
 
+def _distinct(x: torch.Tensor) -> Tuple[torch.Tensor, Optional[RowGroups]]:
+    """The distinct rows of ``x`` (all of ``x`` when there are no copies) and their groups."""
+    groups = identical_rows(x)
+    return (x, None) if groups is None else (x[groups.first], groups)
+
+
+def _spread(d: torch.Tensor, groups: Optional[RowGroups], dim: int) -> torch.Tensor:
+    """Values computed for distinct rows, given to every copy along ``dim`` (a gather: equal bits)."""
+    return d if groups is None else d.index_select(dim, groups.inverse)
+
+
+def _all_squared_distances(x: torch.Tensor) -> torch.Tensor:
+    """The (N, N) squared distances, computed on the distinct rows in one product and gathered, so
+    that copies of a row have bit-identical distances (exact ties) whatever the product's blocking."""
+    distinct, groups = _distinct(x)
+    return _spread(_spread(_squared_distances(distinct, distinct), groups, 0), groups, 1)
+
+
 @torch.no_grad()
 def k_reciprocal_rerank_dense(qf, gf, k1: int = 20, k2: int = 6, lambda_value: float = 0.3) -> np.ndarray:
-    """Classic dense k-reciprocal re-ranking (plain loops, N x N memory). Returns (Nq, Ng) float32."""
+    """Classic dense k-reciprocal re-ranking (plain loops, N x N memory). Returns (Nq, Ng) float32.
+
+    The distances come from one product over the distinct rows, gathered for their copies (exact
+    ties for duplicates, see the module docstring)."""
     q, g, k1, k2, lam = _check_rerank_args(qf, gf, k1, k2, lambda_value)
     x = torch.cat([q, g]).float()
     num_q, n = q.shape[0], x.shape[0]
-    dist = _squared_distances(x, x).cpu().numpy()
+    dist = _all_squared_distances(x).cpu().numpy()
     original = np.transpose(dist / np.max(dist, axis=0)).astype(np.float32)
     rank = np.argsort(original, axis=1, kind="stable")
     kk = min(k1 + 1, n)
@@ -256,49 +299,28 @@ def k_reciprocal_rerank_dense(qf, gf, k1: int = 20, k2: int = 6, lambda_value: f
     return final[:, num_q:]
 
 
-def _knn_and_row_max(x: torch.Tensor, k: int, block: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _knn_and_row_max(distinct: torch.Tensor, groups: Optional[RowGroups], k: int,
+                     block: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact k nearest (squared L2, ascending; equal distances by index) and each row's max distance.
 
-    Computed in (block x N) tiles. Rows are ranked by the *normalised* distance d / max_row d, as
-    the reference ranks its ``original_dist`` (a division can round two distances to one value);
-    among items tied at the k-th place the lowest indices are kept, as a stable argsort does.
+    Computed in (block x N) tiles over the *distinct* rows of the N items (``distinct``, ``groups``
+    from :func:`_distinct`; copies get the rows, hence the bits, of their distinct row, see
+    reid_kernels._ties), so identical items tie exactly for every
+    block size, thread count and CPU. Rows are ranked by the *normalised* distance d / max_row d,
+    as the reference ranks its ``original_dist`` (a division can round two distances to one
+    value); among items tied at the k-th place the lowest indices are kept, as a stable argsort does.
     """
-    n = x.shape[0]
+    n = distinct.shape[0] if groups is None else groups.inverse.numel()
     k = min(k, n)
     ids_out, dist_out, max_out = [], [], []
-    for start in range(0, n, block):
-        d = _squared_distances(x[start : start + block], x)
+    for start in range(0, distinct.shape[0], block):
+        d = _spread(_squared_distances(distinct[start : start + block], distinct), groups, 1)
         row_max = d.max(dim=1).values
         max_out.append(row_max)
-        order = _stable_smallest(d / row_max.clamp_min(torch.finfo(d.dtype).tiny)[:, None], k)
+        order = stable_smallest(d / row_max.clamp_min(torch.finfo(d.dtype).tiny)[:, None], k)
         ids_out.append(order)
         dist_out.append(d.gather(1, order))
-    return torch.cat(ids_out), torch.cat(dist_out), torch.cat(max_out)
-
-
-def _stable_smallest(key: torch.Tensor, k: int) -> torch.Tensor:
-    """Per row, the indices of the k smallest keys in ascending order, equal keys by index --
-    the first k of a stable argsort, without sorting the row. (torch.topk alone would keep an
-    arbitrary one of the items tied at the k-th key.)"""
-    vals, idx = torch.topk(key, k, dim=1, largest=False, sorted=True)
-    kth = vals[:, -1:]
-    room = k - (key < kth).sum(dim=1, keepdim=True)  # how many of the items tied at the k-th key fit
-    # Only rows with more tied items than room need a choice (duplicates); redo those alone.
-    rows = ((key == kth).sum(dim=1, keepdim=True) > room).squeeze(1).nonzero().squeeze(1)
-    if rows.numel():
-        sub, sub_kth = key[rows], kth[rows]
-        tied = sub == sub_kth
-        keep = (sub < sub_kth) | (tied & (tied.cumsum(dim=1) <= room[rows]))  # the lowest-index tied ones
-        idx[rows] = torch.topk(torch.where(keep, sub, torch.full_like(sub, float("inf"))), k, dim=1,
-                               largest=False).indices
-    return _order_by_key_then_index(key.gather(1, idx), idx)
-
-
-def _order_by_key_then_index(vals: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``idx`` reordered per row by (value, index): a stable sort by index, then by value."""
-    by_index = torch.sort(idx, dim=1, stable=True)
-    vals, idx = vals.gather(1, by_index.indices), by_index.values
-    return idx.gather(1, torch.sort(vals, dim=1, stable=True).indices)
+    return tuple(_spread(torch.cat(out), groups, 0) for out in (ids_out, dist_out, max_out))
 
 
 def _reciprocal_mask(neighbours: torch.Tensor, width: int, block: int) -> torch.Tensor:
@@ -313,8 +335,10 @@ def _reciprocal_mask(neighbours: torch.Tensor, width: int, block: int) -> torch.
 
 
 @torch.no_grad()
-def _knn_and_row_max_faiss(x: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The kNN graph and row maxima from exact FAISS flat indexes (CPU).
+def _knn_and_row_max_faiss(distinct: torch.Tensor, groups: Optional[RowGroups],
+                           k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The kNN graph and row maxima from exact FAISS flat indexes (CPU), over the distinct rows
+    (so copies tie exactly, as in the torch path) and spread to their copies.
 
     Neighbours: ``IndexFlatL2``. Row maximum of |x_i - x_j|^2 = |x_i|^2 + max_j
     (|x_j|^2 - 2 x_i.x_j): a maximum-inner-product search of [-2 x_i, 1] against
@@ -323,22 +347,26 @@ def _knn_and_row_max_faiss(x: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch
     from .retrieval import import_faiss
 
     faiss = import_faiss()
-    data = x.detach().cpu().float().contiguous().numpy()
-    n, dim = data.shape
+    data = distinct.detach().cpu().float().contiguous().numpy()
+    m, dim = data.shape
+    n = m if groups is None else groups.inverse.numel()
     k = min(k, n)
     index = faiss.IndexFlatL2(dim)
     index.add(data)
-    dist, idx = _faiss_search_past_ties(index, data, k)
+    dist, idx = _faiss_search_past_ties(index, data, min(k, m))
     norms = (data.astype(np.float64) ** 2).sum(1)
     augmented = np.concatenate([data, norms[:, None].astype(np.float32)], axis=1)
-    probe = np.concatenate([-2.0 * data, np.ones((n, 1), np.float32)], axis=1)
+    probe = np.concatenate([-2.0 * data, np.ones((m, 1), np.float32)], axis=1)
     far = faiss.IndexFlatIP(dim + 1)
     far.add(augmented)
     best, _ = far.search(probe, 1)
     row_max = torch.from_numpy((norms + best[:, 0]).astype(np.float32)).clamp_min(0)
-    # equal distances ordered by index, the lowest indices kept at the k-th place, as in the torch path
-    order = _stable_smallest_of_candidates(torch.from_numpy(dist), torch.from_numpy(idx).long(), k)
-    return order.to(x.device), row_max.to(x.device)
+    dist, idx = torch.from_numpy(dist), torch.from_numpy(idx).long()
+    if groups is None:  # equal distances ordered by index, the lowest indices kept at the k-th place
+        order = order_by_key_then_index(dist, idx)[:, :k]
+    else:
+        order = expand_copies(dist, idx, groups, k)[1]
+    return _spread(order, groups, 0).to(distinct.device), _spread(row_max, groups, 0).to(distinct.device)
 
 
 def _faiss_search_past_ties(index, data: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -351,11 +379,6 @@ def _faiss_search_past_ties(index, data: np.ndarray, k: int) -> Tuple[np.ndarray
         if width == n or bool((dist[:, -1] > dist[:, k - 1]).all()):
             return dist, idx
         width = min(n, 2 * width)
-
-
-def _stable_smallest_of_candidates(vals: torch.Tensor, idx: torch.Tensor, k: int) -> torch.Tensor:
-    """The first k of the candidates (vals, idx) ordered by (value, index)."""
-    return _order_by_key_then_index(vals, idx)[:, :k]
 
 
 KNN_BACKENDS = ("torch", "faiss")
@@ -372,8 +395,10 @@ def k_reciprocal_rerank(qf, gf, k1: int = 20, k2: int = 6, lambda_value: float =
     Returns the (Nq, Ng) re-ranked distances (float32, on the device of ``qf``).
     Agrees with :func:`k_reciprocal_rerank_dense` to float32 tolerance (measured <= 3.4e-7),
     also when ``k2 > k1 + 1`` (the graph then keeps k2 neighbours for the query expansion) and
-    with duplicated rows (ties at the k-th neighbour keep the lowest indices). With
-    ``knn="faiss"`` distances come from FAISS's own arithmetic, so near-ties may rank differently.
+    with duplicated rows (copies have bit-identical distances by construction; ties at the k-th
+    neighbour keep the lowest indices), at every ``block`` and thread count. With
+    ``knn="faiss"`` distances come from FAISS's own arithmetic (on the distinct rows too), so
+    near-ties between different items may rank differently.
     """
     q, g, k1, k2, lam = _check_rerank_args(qf, gf, k1, k2, lambda_value)
     block = _positive_int("block", block)
@@ -388,10 +413,11 @@ def k_reciprocal_rerank(qf, gf, k1: int = 20, k2: int = 6, lambda_value: float =
     # The query expansion averages the first k2 neighbours, which may be more than the k1 + 1 of
     # the reciprocal sets: the graph keeps max(k1 + 1, k2) neighbours, the sets use the first k1 + 1.
     width = min(max(kk, k2), n)
+    distinct, groups = _distinct(x)
     if knn == "torch":
-        neighbours, _, row_max = _knn_and_row_max(x, width, block)
+        neighbours, _, row_max = _knn_and_row_max(distinct, groups, width, block)
     else:
-        neighbours, row_max = _knn_and_row_max_faiss(x, width)
+        neighbours, row_max = _knn_and_row_max_faiss(distinct, groups, width)
     row_max = row_max.clamp_min(torch.finfo(torch.float32).tiny)
     recip = _reciprocal_mask(neighbours, kk, block)  # (n, kk)
     recip_half = _reciprocal_mask(neighbours, half, block)  # (n, half)
@@ -455,9 +481,19 @@ def k_reciprocal_rerank(qf, gf, k1: int = 20, k2: int = 6, lambda_value: float =
         contrib = torch.minimum(e_vals[owner][gallery], csc_vals[pos][gallery])
         shared.view(-1).index_add_(0, flat, contrib)
         jaccard = 1 - shared / (2.0 - shared)
-        original = _squared_distances(x[start:stop], x[num_q:]) / row_max[start:stop, None]
+        original = _query_gallery_distances(distinct, groups, start, stop, num_q) / row_max[start:stop, None]
         out.append(jaccard * (1 - lam) + original * lam)
     return torch.cat(out)
+
+
+def _query_gallery_distances(distinct: torch.Tensor, groups: Optional[RowGroups], start: int, stop: int,
+                             num_q: int) -> torch.Tensor:
+    """Squared distances of items start..stop-1 (queries) to the gallery items num_q.., computed on
+    distinct rows and gathered: copies in the gallery (or of a query in this block) get equal bits."""
+    if groups is None:
+        return _squared_distances(distinct[start:stop], distinct[num_q:])
+    rows, row_of = torch.unique(groups.inverse[start:stop], return_inverse=True)
+    return _squared_distances(distinct[rows], distinct)[row_of][:, groups.inverse[num_q:]]
 
 
 def _query_expansion(v_rows, v_cols, w, first_k2, n):

@@ -11,8 +11,10 @@
   ``"torch"`` (flat only, exact, CPU or CUDA). ``backend="auto"`` picks FAISS when it
   imports, torch otherwise (flat).
 
-Ties: :func:`exact_search` orders each result row by decreasing score; equal scores
-keep ``torch.topk``'s order (which item wins a tie at the k-th place is unspecified).
+Ties: :func:`exact_search` orders each result row by decreasing score (increasing distance),
+equal scores by ascending database index, also at the k-th place; identical database rows get
+bit-identical scores by construction, so duplicates rank the same on every CPU, thread count and
+blocking (see its docstring).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from ._ties import expand_copies, identical_rows, stable_smallest
 from ._validate import check_bool, check_int
 
 __all__ = ["exact_search", "SearchResult", "GalleryIndex", "import_faiss", "faiss_has_gpu"]
@@ -91,6 +94,15 @@ def exact_search(
     ``metric="l2"``: smallest squared Euclidean distances first (``scores`` are those
     distances). Work is done in (query_block x database_block) tiles with a running
     top-k merge, on the device of ``queries`` (``database`` is moved there tile by tile).
+
+    Ties and duplicates: equal scores are ranked by ascending database index, including which
+    of the items tied at the k-th place are kept. Identical database rows get bit-identical
+    scores and identical query rows bit-identical result rows, by construction (products are
+    computed on the distinct rows only, see ``reid_kernels._ties``), so a gallery with
+    duplicates ranks the same for every block size, thread count and CPU. Scores of distinct
+    rows carry the product's float rounding, which depends on the blocking and the CPU (about
+    1e-6 relative in float32); only items that close can swap places. Finding the copies costs
+    one integer pass over each input, plus a copy of the distinct rows when there are copies.
     """
     if metric not in METRICS:
         raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
@@ -110,29 +122,44 @@ def exact_search(
     if dtype in (torch.float16, torch.bfloat16) and q.device.type == "cpu":
         dtype = torch.float32
     q = q.to(dtype)
-    largest = metric == "ip"
+    query_groups = identical_rows(q)
+    db_groups = query_groups if database is queries and db.dtype == q.dtype else identical_rows(db)
+    q_distinct = q if query_groups is None else q[query_groups.first]
+    db_distinct = db if db_groups is None else db[db_groups.first.to(db.device)]
+    # the top k distinct rows are enough: the k best items are copies of at most k distinct rows
+    k_distinct = min(k, db_distinct.shape[0])
     out_scores, out_ids = [], []
-    for qs in range(0, q.shape[0], query_block):
-        qb = q[qs : qs + query_block]
-        best_s = best_i = None
-        for ds in range(0, db.shape[0], database_block):
-            dbb = db[ds : ds + database_block].to(device=q.device, dtype=dtype)
-            scores = qb @ dbb.T
-            if metric == "l2":
-                scores = (qb * qb).sum(1, keepdim=True) + (dbb * dbb).sum(1)[None, :] - 2 * scores
-                scores.clamp_(min=0)
-            kk = min(k, scores.shape[1])
-            s, i = torch.topk(scores, kk, dim=1, largest=largest)
-            i = i + ds
-            if best_s is not None:
-                s = torch.cat([best_s, s], 1)
-                i = torch.cat([best_i, i], 1)
-                s, pos = torch.topk(s, min(k, s.shape[1]), dim=1, largest=largest)
-                i = i.gather(1, pos)
-            best_s, best_i = s, i
-        out_scores.append(best_s)
+    for qs in range(0, q_distinct.shape[0], query_block):
+        qb = q_distinct[qs : qs + query_block]
+        best_key = best_i = None
+        for ds in range(0, db_distinct.shape[0], database_block):
+            dbb = db_distinct[ds : ds + database_block].to(device=q.device, dtype=dtype)
+            key = _search_key(qb, dbb, metric)
+            pos = stable_smallest(key, min(k_distinct, key.shape[1]))
+            key, i = key.gather(1, pos), pos + ds
+            if best_key is not None:  # earlier tiles hold lower indices: position order = index order
+                key, i = torch.cat([best_key, key], 1), torch.cat([best_i, i], 1)
+                pos = stable_smallest(key, min(k_distinct, key.shape[1]))
+                key, i = key.gather(1, pos), i.gather(1, pos)
+            best_key, best_i = key, i
+        if db_groups is not None:
+            best_key, best_i = expand_copies(best_key, best_i, db_groups, k)
+        out_scores.append(-best_key if metric == "ip" else best_key)
         out_ids.append(best_i)
-    return torch.cat(out_scores), torch.cat(out_ids)
+    scores, ids = torch.cat(out_scores), torch.cat(out_ids)
+    if query_groups is not None:
+        inverse = query_groups.inverse.to(scores.device)
+        scores, ids = scores[inverse], ids[inverse]
+    return scores, ids
+
+
+def _search_key(qb: torch.Tensor, dbb: torch.Tensor, metric: str) -> torch.Tensor:
+    """The tile's ranking key, smaller = better: -q.x for "ip" (exact negation), |q - x|^2 for "l2"."""
+    scores = qb @ dbb.T
+    if metric == "ip":
+        return scores.neg_()
+    scores = (qb * qb).sum(1, keepdim=True) + (dbb * dbb).sum(1)[None, :] - 2 * scores
+    return scores.clamp_(min=0)
 
 
 class SearchResult(NamedTuple):

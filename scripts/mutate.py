@@ -49,6 +49,8 @@ MUTANTS = {
     5: ("CPU soft_warp on float16 / bfloat16: a 1% higher temperature", KERNEL_TESTS),
     101: ("lba_pairs: negatives drawn from the anchor's own modality", ["tests/test_pairs.py"]),
     102: ("lba_pairs: positives drawn from the anchor's own modality", ["tests/test_pairs.py"]),
+    103: ("evaluate_ranking: two true matches at one distance not sent to the stable sort (the `repeated` "
+          "tie condition dropped)", ["tests/test_metrics.py"]),
     # CUDA device code on the emulator (201-219: memory_update_ and masked_dense_triplet; 221-249: cmalign)
     201: ("CUDA memory_update_: momentum convention swapped (momentum weights the new sample)", EMU_MEMORY),
     202: ("CUDA memory_update_: block_sum without the barrier before scratch is overwritten (a race)", EMU_MEMORY),
@@ -87,8 +89,19 @@ def _mutant_lba_pairs(real, k):
     return lba_pairs
 
 
+def _no_repeated_matches(match_dist, padded):
+    import torch
+
+    return torch.zeros(match_dist.shape[0], dtype=torch.bool, device=match_dist.device)
+
+
 def pytest_configure(config):
     k = int(os.environ.get(PY_MUTANT_ENV, "0"))
+    if k == 103:
+        import reid_kernels.metrics as metrics_module
+
+        metrics_module._matches_share_a_distance = _no_repeated_matches
+        return
     if k not in (101, 102):
         return
     import reid_kernels

@@ -149,6 +149,24 @@ def test_ties_order_explicit():
     assert res.cmc.tolist() == [0.0, 1.0]
 
 
+@pytest.mark.parametrize("protocol", ["sysu", "regdb"])
+def test_two_true_matches_at_one_distance(protocol):
+    """The tie rule's `repeated` case: two true matches share a distance and no non-match ties
+    with them (every other tie test also ties a match with a non-match, so this row is the only
+    one that reaches the stable sort through `repeated` alone). Ranking 0.2 (id 2), 0.5 (id 1),
+    0.5 (id 1), 0.9 (id 3): matches at ranks 2 and 3, AP = (1/2 + 2/3) / 2 = 7/12, INP = 2/3.
+    Counting without the sort would put both matches at rank 2 (AP 0.75, INP 1.0)."""
+    dist = np.array([[0.5, 0.2, 0.5, 0.9]])
+    g_pids = np.array([1, 2, 1, 3])
+    q_cams, g_cams = np.array([6]), np.array([1, 1, 1, 1])  # one camera: the SYSU filter keeps all
+    # max_rank 3: the collapsed SYSU ranking has 3 identities (the reference truncates its CMC there)
+    res = evaluate_ranking(dist, np.array([1]), g_pids, q_cams, g_cams, max_rank=3, protocol=protocol)
+    stable = reference_eval(dist, np.array([1]), g_pids, q_cams, g_cams, 3, protocol, argsort_kind="stable")
+    assert_same_as_reference(res, stable)
+    assert res.mAP == pytest.approx(7 / 12, rel=1e-12) and res.mINP == pytest.approx(2 / 3, rel=1e-12)
+    assert res.cmc.tolist() == [0.0, 1.0, 1.0]
+
+
 def test_max_rank_beyond_the_ranking_saturates():
     dist = np.array([[0.1, 0.2, 0.3]])
     res = evaluate_ranking(dist, np.array([1]), np.array([0, 1, 1]), np.array([6]), np.array([1, 1, 1]), max_rank=8)

@@ -1,4 +1,6 @@
 """reid_kernels.retrieval: exact torch search and GalleryIndex vs brute force."""
+import contextlib
+import math
 import sys
 
 import numpy as np
@@ -27,6 +29,13 @@ def normalised(x):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+def assert_no_near_tie(scores, k, tol):
+    """Each row's k+1 best scores (largest first) are more than ``tol`` apart, so the top-k indices are
+    the same for any summation order whose error stays below tol/2 (float32: ~1e-6 here)."""
+    best = -np.sort(-np.asarray(scores, dtype=np.float64), axis=1)[:, : k + 1]
+    assert (best[:, :-1] - best[:, 1:]).min() > tol, "near-tied test data: the expected indices are not defined"
+
+
 def brute_force(q, db, k):
     scores = normalised(q) @ normalised(db).T
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
@@ -39,12 +48,74 @@ def test_exact_search_matches_brute_force_with_tiles(device, metric):
     db = torch.from_numpy(clustered(301, seed=2)).to(device)
     full = q @ db.T if metric == "ip" else torch.cdist(q, db) ** 2
     ref_s, ref_i = torch.sort(full, dim=1, descending=(metric == "ip"), stable=True)
+    # another product than the tiles' (and cdist for l2): indices compared only because no two of the
+    # 11 best are within 1e-4 (smallest gap 8.9e-4 for ip, 2.1e-3 for l2; float32 error ~1e-5)
+    q64, db64 = q.cpu().double(), db.cpu().double()
+    exact = q64 @ db64.T if metric == "ip" else -torch.cdist(q64, db64) ** 2
+    assert_no_near_tie(exact, 10, 1e-4)
     for qb, dbb in [(4096, 1 << 18), (5, 17)]:  # one tile; many tiles with a running merge
         s, i = exact_search(q, db, 10, metric=metric, query_block=qb, database_block=dbb)
         assert torch.equal(i, ref_i[:, :10])
         assert torch.allclose(s, ref_s[:, :10], atol=1e-4)
     s, i = exact_search(q, db[:3], 10)
     assert s.shape == (37, 3)  # k clamped to the database size
+
+
+def exact_scores(q, db, metric):
+    """Inner products / squared distances correctly rounded from float64 terms (math.fsum): a function of
+    the two rows' bits alone, so copies tie exactly, on every CPU and thread count."""
+    q, db = q.astype(np.float64), db.astype(np.float64)
+    terms = q[:, None, :] * db[None, :, :] if metric == "ip" else (q[:, None, :] - db[None, :, :]) ** 2
+    return np.array([[math.fsum(t) for t in row] for row in terms])
+
+
+def ranking_by_score_then_index(scores, metric, k):
+    key = -scores if metric == "ip" else scores
+    order = np.lexsort((np.broadcast_to(np.arange(key.shape[1]), key.shape), key), axis=1)[:, :k]
+    return np.take_along_axis(scores, order, 1), order
+
+
+@contextlib.contextmanager
+def threads(n):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_exact_search_duplicates_independent_of_threads_and_blocks(metric):
+    """A database whose rows come in up to 4 copies and queries with copies (of each other and of database
+    rows): copies get bit-identical scores by construction, equal scores rank by index (also which copies
+    are kept at the k-th place), so the indices equal the exact ranking at every thread count and block
+    size; the scores agree to float32 rounding: measured <= 2.2e-6 (ip, scores up to 21) and 4.5e-6 (l2,
+    up to 28) against the exact ones, tolerance 1e-6 of the largest score. (Before: copies in other
+    tiles or rows got other bits and torch.topk ordered ties arbitrarily; indices failed at 1 thread.)"""
+    base = clustered(60, seed=9)
+    db = np.concatenate([base, base[:25], base[5:15], base[:8]])  # copies in other tiles and across the k-th place
+    q = np.concatenate([clustered(12, seed=10), db[[3, 70, 100]], clustered(12, seed=10)[:2]])
+    k = 9
+    exact = exact_scores(q, db, metric)
+    ref_s, ref_i = ranking_by_score_then_index(exact, metric, k)
+    # no near-tie among distinct rows within the k+1 best: the ranking is defined to float32 rounding
+    for row in exact:
+        best = np.unique(row)[::-1][: k + 1] if metric == "ip" else np.unique(row)[: k + 1]
+        assert np.abs(np.diff(best)).min() > 1e-4  # smallest gap 2.1e-3
+    copy_of = torch.from_numpy(np.unique(db, axis=0, return_inverse=True)[1].reshape(-1))
+    qt, dbt = torch.from_numpy(q), torch.from_numpy(db)
+    for n in (1, 2):
+        with threads(n):
+            for qb, dbb in [(4096, 1 << 18), (5, 7), (1, 1), (3, 64)]:
+                s, i = exact_search(qt, dbt, k, metric=metric, query_block=qb, database_block=dbb)
+                assert torch.equal(i, torch.from_numpy(ref_i)), (n, qb, dbb)
+                np.testing.assert_allclose(s.numpy(), ref_s, rtol=0, atol=1e-6 * np.abs(ref_s).max())
+                # copies among a row's results: bit-identical scores; duplicated queries: identical rows
+                same = copy_of[i][:, :, None] == copy_of[i][:, None, :]
+                assert torch.equal(torch.where(same, s[:, :, None] - s[:, None, :], torch.zeros(())),
+                                   torch.zeros(same.shape))
+                assert torch.equal(s[-2:], s[:2]) and torch.equal(i[-2:], i[:2])
 
 
 def test_exact_search_bad_input():
@@ -73,6 +144,9 @@ def test_flat_index_is_exact(backend, kind):
     result = index.search(q, k=8, batch_size=16)
     assert isinstance(result, SearchResult)
     ref_s, ref_i = brute_force(q, db, 8)
+    # numpy's product and FAISS's / torch's differ by float32 rounding (<= 1e-6 on these cosines); the
+    # 9 best cosines of a row are >= 1.05e-5 apart (measured), so the indices are defined
+    assert_no_near_tie(normalised(q.astype(np.float64)) @ normalised(db.astype(np.float64)).T, 8, 5e-6)
     assert np.array_equal(result.ids, ref_i)
     assert np.allclose(result.scores, ref_s, atol=1e-5)
     pids, camids, paths = index.metadata(result.ids[:2])
@@ -110,6 +184,8 @@ def test_remove_save_load_roundtrip(tmp_path, backend, kind):
     if kind != "hnsw":  # flat and fully probed IVF are exact on the survivors
         keep = np.setdiff1d(np.arange(300), removed)
         _, ref = brute_force(q, db[keep], 5)
+        # indices of another product: defined because no two of the 6 best are close (smallest gap 1.0e-3)
+        assert_no_near_tie(normalised(q.astype(np.float64)) @ normalised(db[keep].astype(np.float64)).T, 5, 1e-4)
         assert np.array_equal(result.ids, keep[ref])
     path = tmp_path / "gallery.npz"
     index.save(path)
