@@ -27,6 +27,11 @@ one line on stderr and exit status 2; an unexpected one keeps its traceback.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before anything loads torch: its CPU kernels are chosen then
+    from .reproducible import pin_from_argv
+
+    pin_from_argv()
+
 import json
 import os
 import re
@@ -247,6 +252,7 @@ def paired_differences(runs, keys) -> List[str]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     from .cli import one_line_failures, parser as cli_parser
+    from .reproducible import add_argument as add_reproducible_flag
     from .data import DatasetError
     from .engine.checkpoint import CheckpointError
 
@@ -264,6 +270,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="comma-separated training seeds (same for every row); several give mean ± std")
     parser.add_argument("--data-seed", type=int, default=None, help="synthetic data seed")
     parser.add_argument("--no-figure", action="store_true")
+    add_reproducible_flag(parser)
     parser.add_argument("overrides", nargs="*", help="config overrides key=value for every row")
     args = parser.parse_intermixed_args(argv)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None
