@@ -52,14 +52,19 @@ def cpu_lacks_avx2() -> Optional[str]:
     machine = platform.machine().lower()
     if machine not in ("x86_64", "amd64", "i686", "x86"):
         return f"this is a {platform.machine()} CPU, not x86-64: it has no AVX2 kernels to pin to"
-    try:
-        with open("/proc/cpuinfo", "rt") as handle:
-            flags = next((line.split(":", 1)[1].split() for line in handle if line.startswith("flags")), None)
-    except OSError:
-        return None  # not Linux: torch's reported capability tells afterwards (see state())
+    flags = _cpu_flags()  # None off Linux: torch's reported capability tells afterwards (see state())
     if flags is not None and not {"avx2", "fma"} <= set(flags):
         return "this x86-64 CPU has no AVX2 (with FMA), which ATen's AVX2 kernels need"
     return None
+
+
+def _cpu_flags() -> Optional[List[str]]:
+    """The CPU's feature flags from /proc/cpuinfo (Linux), or None."""
+    try:
+        with open("/proc/cpuinfo", "rt") as handle:
+            return next((line.split(":", 1)[1].split() for line in handle if line.startswith("flags")), None)
+    except OSError:
+        return None
 
 
 def wanted(argv: Sequence[str]) -> bool:
