@@ -21,8 +21,12 @@ $(STAMP): $(SOURCES)
 	$(BIN)/python -m pip install -q --no-build-isolation -e '.[test,faiss]'
 	touch $@
 
+# The demo runs with the reproducible CPU setting (training/reproducible.py: torch's CPU kernels
+# pinned to AVX2, so the README's figures come out on any x86-64 CPU with AVX2);
+# `make demo DEMO_ARGS=--no-reproducible` runs this CPU's own kernels instead.
+DEMO_ARGS ?=
 demo: install
-	$(BIN)/python -m training.demo
+	$(BIN)/python -m training.demo $(DEMO_ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q tests

@@ -153,13 +153,30 @@ def test_soft_warp_matches_reference(device, dtype, shape):
     out = reid_kernels.soft_warp(query, key, value, temperature)
     expected = reference.soft_warp(query, key, value, temperature)
     assert out.shape == (n, 5, h, w) and out.dtype == dtype
-    _assert_close(out, expected, TOL[dtype], "out")
+    _assert_close(out, expected, _soft_warp_tol(expected), "out")
     for name, got, want in zip(
         ("grad_query", "grad_key", "grad_value"),
         _grads([out], (query, key, value), seed=6),
         _grads([expected], (query, key, value), seed=6),
     ):
-        _assert_close(got, want, TOL[dtype], name)
+        _assert_close(got, want, _soft_warp_tol(want), name)
+
+
+# float32 soft-warp errors grow with the logits (temperature x cosine) and with the magnitude of
+# the gradients (up to 46 here), and their size depends on the kernels torch's libraries pick for
+# the CPU. Measured max |kernel - reference| / max |reference| over SOFT_WARP_SHAPES: 4.8e-6 with
+# the AVX-512 kernels, 6.3e-6 with ATen's default / oneDNN SSE4.1 / MKL compatible kernels (CI's
+# capped run), both at grad_key of 4x6x36x18x18x9, t = 50; each side is then within 2.3x of the
+# float32 reference's own error against float64. So atol is 2e-5 of the largest reference value.
+SOFT_WARP_FLOAT32_SCALED_ATOL = 2e-5
+
+
+def _soft_warp_tol(reference_value):
+    if reference_value.dtype != torch.float32:
+        return TOL[reference_value.dtype]
+    scale = float(reference_value.abs().max())
+    return dict(atol=max(TOL[torch.float32]["atol"], SOFT_WARP_FLOAT32_SCALED_ATOL * scale),
+                rtol=TOL[torch.float32]["rtol"])
 
 
 def test_soft_warp_value_defaults_to_key(device):

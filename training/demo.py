@@ -27,6 +27,11 @@ one line on stderr and exit status 2; an unexpected one keeps its traceback.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before anything loads torch: its CPU kernels are chosen then
+    from .reproducible import pin_from_argv
+
+    pin_from_argv()
+
 import json
 import os
 import re
@@ -38,6 +43,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from . import reproducible
 from .recipes.peca import ablation_updates
 
 LBA_ROWS = {
@@ -134,6 +140,8 @@ def run_demo(out: str, rows=None, config: str = "lba_synth", overrides: Optional
     visualise = visualise and cfg0["recipe"] == "lba"  # the figure draws CMAlign's correspondences
     seeds = list(seeds) or [cfg0["seed"]]
     torch.set_num_threads(cfg0["train"]["threads"] or torch.get_num_threads())
+    setting = reproducible.state()  # the CPU kernels every row computes with
+    log(reproducible.describe(setting))
     t = time.time()
     root = resolve_data_root(cfg0, generate=True, log=log)
     data_seconds = time.time() - t
@@ -180,17 +188,19 @@ def run_demo(out: str, rows=None, config: str = "lba_synth", overrides: Optional
     if visualise and full_model is not None:
         figure = visualize(full_model, root, cfg0, os.path.join(out, "correspondence.png"), pairs=3, site=5)
     total = time.time() - start_all
-    table = format_table(runs, cfg0, seeds, total, data_seconds)
+    table = format_table(runs, cfg0, seeds, total, data_seconds, setting)
     with open(os.path.join(out, "results.md"), "wt") as handle:
         handle.write(table + "\n")
     with open(os.path.join(out, "results.json"), "wt") as handle:
-        json.dump({"runs": runs, "seeds": seeds, "total_seconds": total, "data_seconds": data_seconds}, handle,
-                  indent=1, default=float)
+        json.dump({"runs": runs, "seeds": seeds, "total_seconds": total, "data_seconds": data_seconds,
+                   "reproducible": setting}, handle, indent=1, default=float)
     return {"runs": runs, "table": table, "figure": figure, "total_seconds": total}
 
 
-def format_table(runs, cfg, seeds, total: float, data_seconds: float) -> str:
-    """One line per row: mean (and std over training seeds when there are several), time per run."""
+def format_table(runs, cfg, seeds, total: float, data_seconds: float,
+                 setting: Optional[Dict[str, object]] = None) -> str:
+    """One line per row: mean (and std over training seeds when there are several), time per run;
+    ``setting``: the :func:`training.reproducible.state` the rows ran with (said under the table)."""
     s = cfg["data"]["synth"]
     several = len(seeds) > 1
     lines = [
@@ -220,6 +230,8 @@ def format_table(runs, cfg, seeds, total: float, data_seconds: float) -> str:
     else:
         lines.append("(one training seed: on this small set seed-to-seed differences reach several mAP points; "
                      "use --seeds 0,1,2 for mean ± std)")
+    if setting is not None:
+        lines.append(reproducible.describe(setting))
     lines.append(f"data generation {data_seconds:.0f} s; total {total:.0f} s")
     return "\n".join(lines)
 
@@ -247,6 +259,7 @@ def paired_differences(runs, keys) -> List[str]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     from .cli import one_line_failures, parser as cli_parser
+    from .reproducible import add_argument as add_reproducible_flag
     from .data import DatasetError
     from .engine.checkpoint import CheckpointError
 
@@ -264,6 +277,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="comma-separated training seeds (same for every row); several give mean ± std")
     parser.add_argument("--data-seed", type=int, default=None, help="synthetic data seed")
     parser.add_argument("--no-figure", action="store_true")
+    add_reproducible_flag(parser)
     parser.add_argument("overrides", nargs="*", help="config overrides key=value for every row")
     args = parser.parse_intermixed_args(argv)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None

@@ -13,6 +13,11 @@ CLI: ``python -m training.evaluate --checkpoint run/final.pt [--data-root DIR] [
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before anything loads torch: its CPU kernels are chosen then
+    from .reproducible import pin_from_argv
+
+    pin_from_argv()
+
 import json
 import os
 import sys
@@ -125,6 +130,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _main(argv: Optional[List[str]] = None) -> int:
     from .cli import parser as cli_parser
     from .config import flatten, load_config
+    from .reproducible import add_argument as add_reproducible_flag
     from .data import resolve_data_root
     from .engine.checkpoint import load_model_from_checkpoint, read_checkpoint
 
@@ -135,6 +141,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--json", default=None, metavar="PATH",
                         help='write {"rows": [{"setting", "mAP", "R1", "R10", "R20", "mINP"}, ...]} to PATH; '
                              "figures in percent (0-100), means over the gallery trials")
+    add_reproducible_flag(parser)
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. eval.trials=10 eval.rerank=aim")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -18,6 +18,11 @@ keeps its traceback (also in ``train.log``).
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before anything loads torch: its CPU kernels are chosen then
+    from .reproducible import pin_from_argv
+
+    pin_from_argv()
+
 import argparse
 import os
 import sys
@@ -26,6 +31,7 @@ from typing import List, Optional
 
 from .cli import parser as cli_parser
 from .config import ConfigError, load_config
+from .reproducible import add_argument as add_reproducible_flag
 
 
 def parse_args(argv: Optional[List[str]] = None):
@@ -41,6 +47,7 @@ def parse_args(argv: Optional[List[str]] = None):
     parser.add_argument("--overwrite", action="store_true", help="replace the run already in the output folder")
     parser.add_argument("--skip-data-check", action="store_true",
                         help="do not decode every image and check the test split before training (huge trees)")
+    add_reproducible_flag(parser)
     parser.add_argument("overrides", nargs="*", help="config overrides key=value (anywhere on the command line)")
     args = parser.parse_intermixed_args(argv)
     # `--resume key=value`: argparse took the override for a checkpoint path

@@ -18,6 +18,7 @@ from typing import Dict, Optional
 import torch
 from torch.utils.data import DataLoader
 
+from .. import reproducible
 from ..config import ConfigError, dump
 from ..data import (CrossModalityIdentitySampler, DatasetError, ImageCache, ModalityDataset, build_train_transform,
                     collate_batch, load_trainset, resolve_data_root)
@@ -45,13 +46,14 @@ class Trainer:
         self.log = log or (make_logger(self.out, self.rank) if not quiet else null_logger())
         self.check_data = check_data
         t = cfg["train"]
-        self.log.info(banner(cfg, self.out, self.world_size))
         if t["threads"]:
             torch.set_num_threads(t["threads"])
+        # which CPU kernels compute (training.reproducible): in the banner and in history.json
+        self.reproducibility = reproducible.state()
+        self.log.info(banner(cfg, self.out, self.world_size) + "\n" + reproducible.describe(self.reproducibility))
+        self.determinism = reproducible.make_deterministic(self.log.info) if t["deterministic"] else None
         self.device = distributed.pick_device(t["device"], self.local_rank)
         distributed.init_process_group(self.world_size, self.device)
-        if t["deterministic"]:
-            torch.use_deterministic_algorithms(True)
         seed_everything(cfg["seed"] + self.rank)
         self._build_data()
         # model, recipe, optimiser (in this order: the model's initialisation draws the global RNG)
@@ -264,7 +266,8 @@ class Trainer:
         path = self.save("final.pt")
         if self.rank == 0 and self.out:
             with open(os.path.join(self.out, "history.json"), "wt") as handle:
-                json.dump({"history": self.history, "final": last_eval and {k: last_eval[k] for k in ("rows", "summary")}},
+                json.dump({"history": self.history, "final": last_eval and {k: last_eval[k] for k in ("rows", "summary")},
+                           "reproducible": self.reproducibility, "deterministic": self.determinism},
                           handle, indent=1, default=float)
         self.tb.close()
         self._barrier()
