@@ -3,7 +3,6 @@
 // the ATen glue; tests/cuda_emu/soft_warp_harness.cpp runs the same launches on the CPU
 // emulator of CUDA's execution model.
 //
-//
 //   S[p, q]   = q_hat[:, p] . k_hat[:, q],  x_hat = x / max(||x||, 1e-12)      (eq. 1)
 //   P[p, q]   = softmax_q(t S[p, q]),  lse[p] = logsumexp_q(t S[p, q])       (eq. 2)
 //   out[:, p] = sum_q P[p, q] value[:, q]                                    (eq. 4)
@@ -239,9 +238,9 @@ __device__ __forceinline__ void gemm_rows_by_columns_wmma(const scalar_t* __rest
       wmma::load_matrix_sync(b, reinterpret_cast<const element_t*>(Bs + frag_c * F), TBN);
       wmma::mma_sync(acc, a, b, acc);
     }
-    if (!REID_MUTANT(234)) __syncthreads();  // every thread is done with the previous tile's Cs (also when K == 0)
+    __syncthreads();  // every thread is done with the previous tile's Cs (also when K == 0)
     wmma::store_matrix_sync(Cs + frag_r * F * TBN + frag_c * F, acc, TBN, wmma::mem_row_major);
-    __syncthreads();
+    if (!REID_MUTANT(234)) __syncthreads();  // 234: the epilogue reads other warps' fragments too early
     for (int e = tid; e < BM * TBN; e += kThreads) {
       epilogue(e / TBN, b0 + e % TBN, static_cast<acc_t>(Cs[e]));
     }
@@ -347,8 +346,9 @@ __device__ __forceinline__ void softmax_rows_in_place(acc_t* buf, int64_t lds, i
     s = warp_sum(s);
     const acc_t lse = m + acc_log(s);
     for (int64_t q = first_col; q < cols; q += col_step) row[q] = q < L ? acc_exp(row[q] - lse) : acc_t(0);
-    // Mutant 238: the saved lse misses the max shift m (P itself stays right).
-    if (lane == 0 && row0 + r < rows_valid) lse_out[row0 + r] = static_cast<lse_t>(REID_MUTANT(238) ? acc_log(s) : lse);
+    // Mutant 236: the saved lse misses the max shift m (the forward's P stays right).
+    const acc_t saved = REID_MUTANT(236) ? acc_log(s) : lse;
+    if (lane == 0 && row0 + r < rows_valid) lse_out[row0 + r] = static_cast<lse_t>(saved);
   }
   __syncthreads();
 }

@@ -135,9 +135,11 @@ void run_offsets(const Archive& in, Archive& out, const std::string& p) {
   std::vector<int64_t> slab_rows, slab_smem;
   for (int64_t i = 0; i < slab_args.shape[0]; ++i) {
     const int64_t* a = slab_args.data<int64_t>() + 4 * i;
-    const int bm = sw::rows_per_block(a[0], static_cast<size_t>(a[1]), static_cast<size_t>(a[2]), static_cast<int>(a[3]));
+    const int64_t cols = a[0];
+    const size_t elem = static_cast<size_t>(a[1]), max_smem = static_cast<size_t>(a[2]);
+    const int bm = sw::rows_per_block(cols, elem, max_smem, static_cast<int>(a[3]));
     slab_rows.push_back(bm);
-    slab_smem.push_back(bm == 0 ? 0 : static_cast<int64_t>(sw::slab_smem_bytes(bm, a[0], static_cast<size_t>(a[1]))));
+    slab_smem.push_back(bm == 0 ? 0 : static_cast<int64_t>(sw::slab_smem_bytes(bm, cols, elem)));
   }
   out.add<int64_t>(p + "slab_rows", {slab_args.shape[0]}, slab_rows.data());
   out.add<int64_t>(p + "slab_smem", {slab_args.shape[0]}, slab_smem.data());
