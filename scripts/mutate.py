@@ -4,13 +4,17 @@
     .venv/bin/python scripts/mutate.py 1 3 101         # chosen mutants
     .venv/bin/python scripts/mutate.py --list
     .venv/bin/python scripts/mutate.py 2 --tests tests/test_soft_warp_paths.py
+    .venv/bin/python scripts/mutate.py --baseline 201 202 211   # emulated CUDA mutants
 
 Each C++ mutant is a deliberately injected bug behind ``#if REID_MUTANT(k)`` in csrc/ (see
 csrc/mutation.h): the script copies the working tree (tracked and untracked, not ignored files) to
 build/mutants/tree, builds the CPU extension there with ``-DREID_MUTATION=k`` (CFLAGS), and runs the
 tests from that copy, so they import the mutant build and never touch the in-place one.  Python
-mutants (k >= 100) wrap a function with a wrong version at test time (this file is also the pytest
-plugin that does it).  A mutant is *caught* when at least one test fails, *survived* when all pass.
+mutants (100 <= k < 200) wrap a function with a wrong version at test time (this file is also the pytest
+plugin that does it).  Emulated CUDA mutants (200 <= k < 300) sit in the device code of the kernel headers
+(csrc/<op>/<op>_kernels.cuh): no extension build; the emulated tests build their harnesses with
+``REID_EMU_EXTRA_FLAGS=-DREID_MUTATION=k`` (tests/emu_util.py), plain and under ThreadSanitizer, and a
+race TSan reports fails them like a wrong number.  A mutant is *caught* when at least one test fails, *survived* when all pass.
 Exit status: 0 when every mutant was caught.
 """
 from __future__ import annotations
@@ -31,6 +35,10 @@ KERNEL_TESTS = [
     "tests/test_cmalign_errors.py",
     "tests/test_dense_triplet.py",
 ]
+# The emulated CUDA tests (tests/cuda_emu/): one list per kernel file.
+EMU_MEMORY = ["tests/test_emu_memory_update.py"]
+EMU_TRIPLET = ["tests/test_emu_dense_triplet.py"]
+EMULATED = range(200, 300)  # mutant numbers of the device code, run on the emulator
 
 # k: (what the bug is, the tests that should catch it)
 MUTANTS = {
@@ -41,6 +49,19 @@ MUTANTS = {
     5: ("CPU soft_warp on float16 / bfloat16: a 1% higher temperature", KERNEL_TESTS),
     101: ("lba_pairs: negatives drawn from the anchor's own modality", ["tests/test_pairs.py"]),
     102: ("lba_pairs: positives drawn from the anchor's own modality", ["tests/test_pairs.py"]),
+    # CUDA device code on the emulator (201-219: memory_update_ and masked_dense_triplet; 221-249: cmalign)
+    201: ("CUDA memory_update_: momentum convention swapped (momentum weights the new sample)", EMU_MEMORY),
+    202: ("CUDA memory_update_: block_sum without the barrier before scratch is overwritten (a race)", EMU_MEMORY),
+    203: ("CUDA memory_update_: block_sum's shuffle reduction starts at offset 8 instead of 16", EMU_MEMORY),
+    204: ("CUDA memory_update_ hard: the last of tied samples instead of the first", EMU_MEMORY),
+    205: ("CUDA memory_update_: a label's run misses the last sample of the batch", EMU_MEMORY),
+    206: ("CUDA memory_update_: shared-memory budget 64 KiB (a launch over the 48 KiB default)", EMU_MEMORY),
+    211: ("CUDA masked_dense_triplet: no barrier between the partial sums and their reduction", EMU_TRIPLET),
+    212: ("CUDA masked_dense_triplet backward: grad_anchor drops the negative term", EMU_TRIPLET),
+    213: ("CUDA masked_dense_triplet backward: no barrier before the coefficients are read", EMU_TRIPLET),
+    214: ("CUDA masked_dense_triplet backward: no zero-distance guard (divides by d = 0)", EMU_TRIPLET),
+    215: ("CUDA masked_dense_triplet: tile off-by-one (position L counted as inside the map)", EMU_TRIPLET),
+    216: ("CUDA masked_dense_triplet: squared distances accumulated in float16 instead of float32", EMU_TRIPLET),
 }
 PY_MUTANT_ENV = "REID_PY_MUTANT"
 
@@ -120,9 +141,10 @@ def _build(k: int, log) -> bool:
     return done.returncode == 0
 
 
-def _run_tests(tests, py_mutant: int, log) -> int:
+def _run_tests(tests, py_mutant: int, log, emulated: int = 0) -> int:
     env = dict(os.environ, PYTHONPATH=f"{TREE}{os.pathsep}{TREE / 'scripts'}")
     env[PY_MUTANT_ENV] = str(py_mutant)
+    env["REID_EMU_EXTRA_FLAGS"] = f"-DREID_MUTATION={emulated}" if emulated else ""
     env.pop("REID_KERNELS_SOFT_WARP_CACHE_BYTES", None)
     command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "mutate", "-p", "no:cacheprovider", *tests]
     return subprocess.run(command, cwd=TREE, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
@@ -148,7 +170,7 @@ def main() -> int:
         for k, (what, tests) in MUTANTS.items():
             print(f"{k:4d}  {what}  [{', '.join(tests)}]")
         return 0
-    chosen = args.mutants or sorted(MUTANTS, key=lambda k: (k < 100, k))  # Python mutants first: no build
+    chosen = args.mutants or sorted(MUTANTS, key=lambda k: (k < 100, k))  # Python and emulated mutants first: no build
     unknown = [k for k in chosen if k not in MUTANTS]
     if unknown:
         parser.error(f"unknown mutants {unknown}; --list shows them")
@@ -159,19 +181,20 @@ def main() -> int:
     with open(log_path, "w") as log:
         plan = ([0] if args.baseline else []) + chosen
         built = None  # the REID_MUTATION value of the current build in the copy
+        baseline_tests = list(dict.fromkeys(t for k in chosen for t in MUTANTS[k][1]))  # every chosen mutant's
         for k in plan:
-            what, tests = MUTANTS.get(k, ("no mutation (baseline)", KERNEL_TESTS))
+            what, tests = MUTANTS.get(k, ("no mutation (baseline)", baseline_tests))
             tests = args.tests or tests
             start = time.time()
             print(f"== mutant {k}: {what}", file=log, flush=True)
-            cxx = 0 if k >= 100 else k
+            cxx = 0 if k >= 100 else k  # Python and emulated mutants use the real extension
             if built != cxx:
                 if not _build(cxx, log):
                     results.append((k, what, "build failed", time.time() - start))
                     continue
                 _check_imports_the_copy(log)
                 built = cxx
-            code = _run_tests(tests, k if k >= 100 else 0, log)
+            code = _run_tests(tests, k if 100 <= k < 200 else 0, log, emulated=k if k in EMULATED else 0)
             if k == 0:
                 verdict = "passes" if code == 0 else f"FAILS (pytest exit {code})"
             else:

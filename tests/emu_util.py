@@ -202,8 +202,9 @@ def run(name: str, flavour: str, inputs: dict, env: dict | None = None, timeout:
     done, outputs = _run(name, flavour, inputs, env, timeout)
     race = "WARNING: ThreadSanitizer" in done.stderr
     if done.returncode != 0 or race or "reid_emu error" in done.stderr or outputs is None:
-        what = "ThreadSanitizer reported a race" if race or done.returncode == 66 else f"exit {done.returncode}"
-        pytest.fail(f"emu_util: {name} ({flavour}): {what}:\n{done.stderr[-8000:]}")
+        if race or done.returncode == 66:  # the first report, where its stacks are
+            pytest.fail(f"emu_util: {name} ({flavour}): ThreadSanitizer reported a race:\n{done.stderr[:8000]}")
+        pytest.fail(f"emu_util: {name} ({flavour}): exit {done.returncode}:\n{done.stderr[-8000:]}")
     return outputs
 
 

@@ -144,6 +144,12 @@ def test_thread_sanitizer_reports_races_through_the_emulator():
     assert out["out"].tolist() == [(t + 1) % 64 for t in range(64)] * 4
 
 
+def test_device_math_is_cudas():
+    """min / max ignore NaN for float and double (fminf / fmaxf), integer overloads compare."""
+    got = run_case("plain", "math")["values"].tolist()
+    assert got == [1.0, 2.0, -1.0, 3.0, 0.5, 1.5, 2.0**40, 3.0, -2.0, 1.0, 3.0, 1.0, 1.0]
+
+
 def _float_sample():
     gen = torch.Generator().manual_seed(0)
     bits = torch.randint(-2**31, 2**31, (200_000,), generator=gen, dtype=torch.int64).to(torch.int32)

@@ -16,13 +16,10 @@
 
 #include <string>
 
+#include "memory/memory_update_mode.h"
+
 namespace reid_kernels {
 namespace memory {
-
-enum class UpdateMode : int { kSequential = 0, kMean = 1, kHard = 2 };
-
-// Same guard as torch.nn.functional.normalize: x / max(||x||_2, eps).
-constexpr double kNormalizeEps = 1e-12;
 
 inline UpdateMode parse_mode(const std::string& mode) {
   if (mode == "sequential") return UpdateMode::kSequential;

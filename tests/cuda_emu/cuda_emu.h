@@ -616,8 +616,8 @@ inline void check_shared_total(Block& b) {
          b.index.y, b.index.z, b.static_bytes, l.max_static_smem);
   }
   if (b.static_bytes + b.dynamic_bytes > b.smem_limit) {
-    fail("launch failure: %zu bytes of static plus %zu of dynamic shared memory exceed the kernel's limit of %zu "
-         "bytes (48 KiB without cudaFuncSetAttribute's opt-in, else the opt-in value)",
+    fail("launch failure: %zu bytes of static plus %zu of dynamic shared memory exceed the block's limit of %zu "
+         "bytes (48 KiB without cudaFuncSetAttribute's opt-in, else the device's opt-in maximum)",
          b.static_bytes, b.dynamic_bytes, b.smem_limit);
   }
 }
@@ -928,11 +928,16 @@ inline void check_launch(const void* kernel, dim3 grid, dim3 block, size_t dynam
                   grid.z, l.max_grid_yz);
     launch_failure(cudaErrorInvalidConfiguration, text);
   }
-  size_t limit = l.default_dynamic_smem;
+  // The kernel's cudaFuncAttributeMaxDynamicSharedMemorySize: 48 KiB, or the opt-in value;
+  // static + dynamic may then reach the device's opt-in maximum (checked at block start).
+  size_t limit = l.default_dynamic_smem, total_limit = l.default_dynamic_smem;
   {
     std::lock_guard<std::mutex> lock(optin_mutex());
     const auto it = optins().find(kernel);
-    if (it != optins().end()) limit = std::max(limit, it->second);
+    if (it != optins().end()) {
+      limit = it->second;
+      total_limit = l.max_smem_optin;
+    }
   }
   if (dynamic_bytes > limit) {
     std::snprintf(text, sizeof text,
@@ -942,7 +947,7 @@ inline void check_launch(const void* kernel, dim3 grid, dim3 block, size_t dynam
                   dynamic_bytes, limit, l.max_smem_optin);
     launch_failure(cudaErrorInvalidValue, text);
   }
-  *smem_limit = limit;
+  *smem_limit = total_limit;
 }
 
 inline void run_grid(const void* kernel, dim3 grid, dim3 block, size_t dynamic_bytes,

@@ -321,6 +321,16 @@ void run_case(const std::string& name, const Archive& in, Archive& out) {
     out.add<int32_t>("float_to_half", {sample.numel()}, to_half.data());
     out.add<int32_t>("float_to_bf16", {sample.numel()}, to_bf16.data());
     out.add<int32_t>("double_to_half", {doubles.numel()}, double_to_half.data());
+  } else if (name == "math") {
+    // CUDA's min / max: float and double ignore a NaN operand (fminf / fmaxf), integers compare
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    const double dnan = std::numeric_limits<double>::quiet_NaN();
+    const double values[] = {min(nan, 1.0f), max(2.0f, nan), min(dnan, -1.0), max(dnan, 3.0), min(1.5f, 0.5f),
+                             max(1.5, 0.5), static_cast<double>(max(int64_t{-5}, int64_t{1} << 40)),
+                             static_cast<double>(min(7u, 3u)), static_cast<double>(max(-2, -9)),
+                             min(2.0f, 1.0), expf(0.0f) + logf(1.0f) + sqrtf(4.0f), isnan(nan) ? 1.0 : 0.0,
+                             isinf(-INFINITY) ? 1.0 : 0.0};
+    out.add<double>("values", {static_cast<int64_t>(sizeof values / sizeof values[0])}, values);
   } else if (name == "wmma" || name == "wmma_misaligned" || name == "wmma_partial") {
     const auto& a = in.get("a");
     const auto& b = in.get("b");
