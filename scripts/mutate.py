@@ -38,6 +38,8 @@ KERNEL_TESTS = [
 # The emulated CUDA tests (tests/cuda_emu/): one list per kernel file.
 EMU_MEMORY = ["tests/test_emu_memory_update.py"]
 EMU_TRIPLET = ["tests/test_emu_dense_triplet.py"]
+EMU_PERSON_MASK = ["tests/test_emu_person_mask.py"]
+EMU_SOFT_WARP = ["tests/test_emu_soft_warp.py"]
 EMULATED = range(200, 300)  # mutant numbers of the device code, run on the emulator
 
 # k: (what the bug is, the tests that should catch it)
@@ -64,6 +66,30 @@ MUTANTS = {
     214: ("CUDA masked_dense_triplet backward: no zero-distance guard (divides by d = 0)", EMU_TRIPLET),
     215: ("CUDA masked_dense_triplet: tile off-by-one (position L counted as inside the map)", EMU_TRIPLET),
     216: ("CUDA masked_dense_triplet: squared distances accumulated in float16 instead of float32", EMU_TRIPLET),
+    221: ("CUDA cmalign: a sample's offset n * rows * cols truncated to 32 bits", EMU_SOFT_WARP),
+    222: ("CUDA cmalign: warp_sum's butterfly starts at offset 8 instead of 16 (softmax sums half-warps)",
+          EMU_SOFT_WARP),
+    223: ("CUDA cmalign: warp_min's shuffles with a half-warp mask (lanes 16-31 outside their own mask)",
+          EMU_PERSON_MASK),
+    224: ("CUDA cmalign: column reductions without the barrier between the partial sums and their sum (a race)",
+          EMU_PERSON_MASK),
+    225: ("CUDA person_mask: a NaN norm seen by its own thread only (no __syncthreads_or)", EMU_PERSON_MASK),
+    226: ("CUDA person_mask: warp 1's partial min / max dropped", EMU_PERSON_MASK),
+    227: ("CUDA soft_warp: the dynamic shared-memory opt-in skipped (float64 32-row slabs exceed 48 KiB)",
+          EMU_SOFT_WARP),
+    228: ("CUDA soft_warp: no barrier between staging a logits chunk and reading it (a race)", EMU_SOFT_WARP),
+    229: ("CUDA soft_warp: the value-projection staging overwritten before the previous chunk is consumed (a race)",
+          EMU_SOFT_WARP),
+    230: ("CUDA soft_warp: the remainder chunk of the value projection dropped (tile off-by-one)", EMU_SOFT_WARP),
+    231: ("CUDA soft_warp: value / gradient projections accumulated in float16 / bfloat16 instead of float32",
+          EMU_SOFT_WARP),
+    232: ("CUDA soft_warp backward: dS drops the -delta term (grad_query)", EMU_SOFT_WARP),
+    233: ("CUDA soft_warp, 1 row per block: all 8 warps split the row and each reduces only its part",
+          EMU_SOFT_WARP),
+    234: ("CUDA soft_warp wmma: no barrier between the fragment stores and the epilogue's reads (a race)",
+          EMU_SOFT_WARP),
+    235: ("CUDA soft_warp backward: the normalisation backward drops the projection term", EMU_SOFT_WARP),
+    236: ("CUDA soft_warp: the saved lse misses the max shift (log-sum instead of log-sum-exp)", EMU_SOFT_WARP),
 }
 PY_MUTANT_ENV = "REID_PY_MUTANT"
 
