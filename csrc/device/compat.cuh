@@ -29,8 +29,6 @@
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-
-#include <cassert>
 #endif
 
 // ---- Shared memory -----------------------------------------------------------
@@ -48,12 +46,14 @@
 #endif
 
 // ---- Device-side assertion ---------------------------------------------------
-// A last resort for what the host checks before launching (CUDA_KERNEL_ASSERT's role);
-// the emulator reports the message and the failing thread, then aborts.
+// A last resort for what the host checks before launching; the emulator reports the
+// message and the failing thread, then aborts.  Under nvcc it is c10's CUDA_KERNEL_ASSERT
+// (from c10/macros/Macros.h, included by c10/util/Half.h above), which unlike assert()
+// stays in a build with -DNDEBUG.
 #if defined(REID_CUDA_EMULATION)
 #define REID_DEVICE_ASSERT(cond, msg) REID_EMU_DEVICE_ASSERT(cond, msg)
 #else
-#define REID_DEVICE_ASSERT(cond, msg) assert((cond) && (msg))
+#define REID_DEVICE_ASSERT(cond, msg) CUDA_KERNEL_ASSERT((cond) && (msg))
 #endif
 
 // ---- Kernel launch -----------------------------------------------------------
