@@ -19,7 +19,8 @@ Usage in a test module::
 * ``run(...)`` runs it with a timeout (a hang fails with a clear message) and returns the output
   arrays as torch tensors.  A non-zero exit, a ``reid_emu error:`` or a ThreadSanitizer report
   fails the test with the harness's stderr; ``run_expect_error`` is for cases that must fail.
-* Without g++ (or, for ``tsan``, without libtsan) the tests skip with the reason.
+* Without g++ (or, for ``tsan``, without libtsan) the tests skip with the reason; with
+  ``REID_EMU_REQUIRED=1`` (set by .ci/run) they fail instead.
 """
 from __future__ import annotations
 
@@ -142,10 +143,18 @@ def _sources_digest() -> str:
 _tsan_checked = {}
 
 
+def _unavailable(reason: str) -> None:
+    """Skip with the reason -- or fail, under REID_EMU_REQUIRED=1 (CI), where a missing
+    toolchain must not turn the emulated CUDA tests into silent skips."""
+    if os.environ.get("REID_EMU_REQUIRED") == "1":
+        pytest.fail(f"REID_EMU_REQUIRED=1 but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
 def skip_unless_available(flavour: str) -> None:
     """pytest.skip with the reason when g++ (or libtsan, for tsan) is missing."""
     if shutil.which(CXX) is None:
-        pytest.skip(f"emulated CUDA tests need a C++20 compiler ({CXX} not found)")
+        _unavailable(f"emulated CUDA tests need a C++20 compiler ({CXX} not found)")
     if flavour == "tsan":
         if "ok" not in _tsan_checked:
             with tempfile.TemporaryDirectory() as tmp:
@@ -156,7 +165,7 @@ def skip_unless_available(flavour: str) -> None:
             _tsan_checked["ok"] = done.returncode == 0
             _tsan_checked["why"] = done.stderr.strip().splitlines()[-1:] if done.returncode else []
         if not _tsan_checked["ok"]:
-            pytest.skip(f"ThreadSanitizer unavailable (libtsan missing?): {_tsan_checked['why']}")
+            _unavailable(f"ThreadSanitizer unavailable (libtsan missing?): {_tsan_checked['why']}")
 
 
 def build(name: str, flavour: str) -> Path:
