@@ -174,7 +174,7 @@ SOFT_WARP_FLOAT32_SCALED_ATOL = 2e-5
 def _soft_warp_tol(reference_value):
     if reference_value.dtype != torch.float32:
         return TOL[reference_value.dtype]
-    scale = float(reference_value.abs().max())
+    scale = float(reference_value.detach().abs().max())
     return dict(atol=max(TOL[torch.float32]["atol"], SOFT_WARP_FLOAT32_SCALED_ATOL * scale),
                 rtol=TOL[torch.float32]["rtol"])
 
