@@ -56,13 +56,8 @@ int main(int argc, char** argv) {
     const int cases = static_cast<int>(in.get("cases").scalar());
     for (int i = 0; i < cases; ++i) {
       const std::string prefix = "c" + std::to_string(i) + "/";
-      switch (in.get(prefix + "anchor").dtype) {
-        case DType::f32: run_case<float>(in, out, prefix); break;
-        case DType::f64: run_case<double>(in, out, prefix); break;
-        case DType::f16: run_case<reid_emu::half>(in, out, prefix); break;
-        case DType::bf16: run_case<reid_emu::bfloat16>(in, out, prefix); break;
-        default: throw std::runtime_error("anchor: expected a floating-point map");
-      }
+      dispatch_floating(in.get(prefix + "anchor").dtype, "anchor: expected a floating-point map",
+                        [&]<typename T>() { run_case<T>(in, out, prefix); });
     }
   });
 }

@@ -44,13 +44,8 @@ int main(int argc, char** argv) {
     const int cases = static_cast<int>(in.get("cases").scalar());
     for (int i = 0; i < cases; ++i) {
       const std::string prefix = "c" + std::to_string(i) + "/";
-      switch (in.get(prefix + "memory").dtype) {
-        case DType::f32: run_case<float>(in, out, prefix); break;
-        case DType::f64: run_case<double>(in, out, prefix); break;
-        case DType::f16: run_case<reid_emu::half>(in, out, prefix); break;
-        case DType::bf16: run_case<reid_emu::bfloat16>(in, out, prefix); break;
-        default: throw std::runtime_error("memory: expected a floating-point bank");
-      }
+      dispatch_floating(in.get(prefix + "memory").dtype, "memory: expected a floating-point bank",
+                        [&]<typename T>() { run_case<T>(in, out, prefix); });
     }
   });
 }

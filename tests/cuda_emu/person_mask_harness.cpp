@@ -50,13 +50,8 @@ int main(int argc, char** argv) {
     out.arrays.reserve(static_cast<size_t>(2 * cases));  // add_output's pointers stay valid
     for (int i = 0; i < cases; ++i) {
       const std::string p = "c" + std::to_string(i) + "/";
-      switch (in.get(p + "feat").dtype) {
-        case DType::f32: run_case<float>(in, out, p); break;
-        case DType::f64: run_case<double>(in, out, p); break;
-        case DType::f16: run_case<reid_emu::half>(in, out, p); break;
-        case DType::bf16: run_case<reid_emu::bfloat16>(in, out, p); break;
-        default: throw std::runtime_error("person_mask: expected a floating-point feature map");
-      }
+      dispatch_floating(in.get(p + "feat").dtype, "person_mask: expected a floating-point feature map",
+                        [&]<typename T>() { run_case<T>(in, out, p); });
     }
   });
 }

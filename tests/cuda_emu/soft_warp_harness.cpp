@@ -164,13 +164,8 @@ int main(int argc, char** argv) {
         continue;
       }
       if (kind != "fwd" && kind != "bwd") throw std::runtime_error("soft_warp: unknown case kind '" + kind + "'");
-      switch (in.get(p + "query").dtype) {
-        case DType::f32: run_dtype<float>(in, out, p, kind); break;
-        case DType::f64: run_dtype<double>(in, out, p, kind); break;
-        case DType::f16: run_dtype<reid_emu::half>(in, out, p, kind); break;
-        case DType::bf16: run_dtype<reid_emu::bfloat16>(in, out, p, kind); break;
-        default: throw std::runtime_error("soft_warp: expected floating-point maps");
-      }
+      dispatch_floating(in.get(p + "query").dtype, "soft_warp: expected floating-point maps",
+                        [&]<typename T>() { run_dtype<T>(in, out, p, kind); });
     }
   });
 }

@@ -185,6 +185,20 @@ inline void write(const std::string& path, const Archive& archive) {
   if (std::fclose(f) != 0) throw std::runtime_error("reid_emu error: cannot write " + path);
 }
 
+// The harnesses' per-case dtype dispatch: f.template operator()<T>() with T the kernel element
+// type of a floating-point array of `dtype` (a lambda `[&]<typename T>() { ... }`); any other
+// dtype throws `error`.
+template <typename F>
+void dispatch_floating(DType dtype, const std::string& error, F&& f) {
+  switch (dtype) {
+    case DType::f32: f.template operator()<float>(); break;
+    case DType::f64: f.template operator()<double>(); break;
+    case DType::f16: f.template operator()<reid_emu::half>(); break;
+    case DType::bf16: f.template operator()<reid_emu::bfloat16>(); break;
+    default: throw std::runtime_error(error);
+  }
+}
+
 // main() of a harness: `harness IN OUT`; run(in, out) fills `out`; errors are printed as
 // "reid_emu error: ..." and exit with status 1.
 template <typename Run>
