@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 
@@ -30,3 +32,14 @@ requires_cuda = [
         reason="needs a CUDA device and the CUDA build of reid_kernels",
     ),
 ]
+
+
+@contextlib.contextmanager
+def threads(n):
+    """torch's intra-op thread count set to `n` inside the block, restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -1,11 +1,11 @@
 """Re-ranking: sparse k-reciprocal vs the plain dense algorithm; AIM vs SAAI eqs. 6-10 and the released code."""
-import contextlib
 import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import threads
 
 from reid_kernels.rerank import (_distinct, _knn_and_row_max, aim, aim_parameters, k_reciprocal_rerank,
                                  k_reciprocal_rerank_dense)
@@ -160,16 +160,6 @@ def test_k_reciprocal_faiss_graph_with_ties(k1, k2):
     assert_ranking_defined(q, g, max(k1 + 1, k2))
     np.testing.assert_allclose(k_reciprocal_rerank(q, g, k1, k2, knn="faiss").numpy(),
                                k_reciprocal_rerank_dense(q, g, k1, k2), rtol=0, atol=2e-6)
-
-
-@contextlib.contextmanager
-def threads(n):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def duplicated_set(seed):

@@ -1,11 +1,11 @@
 """reid_kernels.retrieval: exact torch search and GalleryIndex vs brute force."""
-import contextlib
 import math
 import sys
 
 import numpy as np
 import pytest
 import torch
+from conftest import threads
 
 from reid_kernels.retrieval import GalleryIndex, SearchResult, exact_search, import_faiss
 
@@ -73,16 +73,6 @@ def ranking_by_score_then_index(scores, metric, k):
     key = -scores if metric == "ip" else scores
     order = np.lexsort((np.broadcast_to(np.arange(key.shape[1]), key.shape), key), axis=1)[:, :k]
     return np.take_along_axis(scores, order, 1), order
-
-
-@contextlib.contextmanager
-def threads(n):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("metric", ["ip", "l2"])
