@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..recipes import build_model
+from .durable import atomic_write
 
 FORMAT = "reid_kernels.training/1"
 
@@ -41,10 +42,9 @@ def seed_everything(seed: int) -> None:
 
 
 def atomic_save(obj, path: str) -> None:
-    """Write to a temporary file in the same folder, then rename: never a half-written checkpoint."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` through :func:`~.durable.atomic_write`: never a half-written checkpoint,
+    not even after a power cut."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 class CheckpointError(ValueError):
