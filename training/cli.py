@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import Callable, Optional, Tuple, Type
 
+from .errors import CheckpointError, ConfigError, DatasetError
+
 
 class ArgumentParser(argparse.ArgumentParser):
     """``argparse`` whose errors are one line, ``error: <message> (see <prog> --help)``, exit 2
@@ -23,10 +25,6 @@ def parser(module: str, **kwargs) -> ArgumentParser:
 def one_line_failures(run: Callable[[], int], errors: Optional[Tuple[Type[BaseException], ...]] = None) -> int:
     """``run()``, with a config error printed as ``config error: ...`` and any of ``errors`` (default:
     checkpoint, dataset and missing-file errors) as ``error: ...``, one line on stderr, exit status 2."""
-    from .config import ConfigError
-    from .data import DatasetError
-    from .engine.checkpoint import CheckpointError
-
     if errors is None:
         errors = (CheckpointError, DatasetError, FileNotFoundError)
     try:

@@ -18,13 +18,10 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import yaml
 
 from . import validators as v
+from .errors import ConfigError  # noqa: F401 (re-exported)
 from .recipes import RECIPES
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
-
-
-class ConfigError(ValueError):
-    """A bad configuration key or value; the message names the key."""
 
 
 DEFAULTS: Dict[str, Any] = {

@@ -8,9 +8,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-
-class DatasetError(RuntimeError):
-    """A dataset folder or file is missing, unreadable or malformed; the message names it."""
+from ..errors import DatasetError  # noqa: F401 (re-exported)
 
 
 @dataclass

@@ -14,6 +14,7 @@ from typing import Dict
 import numpy as np
 import torch
 
+from ..errors import CheckpointError  # noqa: F401 (re-exported)
 from ..recipes import build_model
 from .durable import atomic_write
 
@@ -45,10 +46,6 @@ def atomic_save(obj, path: str) -> None:
     """``torch.save`` through :func:`~.durable.atomic_write`: never a half-written checkpoint,
     not even after a power cut."""
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-class CheckpointError(ValueError):
-    """A file that is not (or no longer) a readable training checkpoint; the message names it."""
 
 
 def read_checkpoint(path: str, what: str = "--checkpoint") -> dict:
