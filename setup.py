@@ -109,12 +109,37 @@ def _extension():
     )
 
 
+# One top-level package.  The training application lives in the repository's training/ folder
+# (the layout the project asks for, and `python -m training.<x>` from the checkout) but installs as
+# reid_kernels.training: a library must not claim a generic top-level name such as `training`.
+# Mechanism: package_dir maps the dotted name onto the folder.  A wheel then holds
+# reid_kernels/training/ as real files; the editable install (`make install`) maps the name to
+# the folder with setuptools' import finder, so `python -m pytest` from the repository root (where
+# the checkout's reid_kernels/ comes first on sys.path and has no training/ inside) still finds
+# reid_kernels.training, and no second copy of the code exists.  The alternative, a committed
+# symlink reid_kernels/training -> ../training, depends on the file system and on git keeping
+# symlinks (core.symlinks is off on Windows checkouts) and is what sdists handle least well.
+TRAINING = "reid_kernels.training"
+
+
+def _packages():
+    training = find_packages(where="training")
+    return (find_packages(include=["reid_kernels", "reid_kernels.*"])
+            + [TRAINING] + [f"{TRAINING}.{name}" for name in training])
+
+
+# The console commands (training/commands.py); same arguments as `python -m training.<module>`.
+COMMANDS = [f"reid-{name} = {TRAINING}.commands:{name}" for name in ("train", "evaluate", "demo", "synth", "visualize")]
+
 setup(
     name="reid_kernels",
     version="0.1.0",
     description="Fused CPU/CUDA kernels, retrieval and evaluation for visible-infrared person re-identification",
-    packages=find_packages(include=["reid_kernels", "reid_kernels.*", "training", "training.*"]),
-    package_data={"training": ["configs/*.yaml"]},
+    packages=_packages(),
+    package_dir={TRAINING: "training"},
+    package_data={TRAINING: ["configs/*.yaml"]},
+    include_package_data=False,
+    entry_points={"console_scripts": COMMANDS},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "scipy", "pyyaml", "tqdm", "pillow"],
     extras_require={"test": ["pytest"], "faiss": ["faiss-cpu"]},

@@ -2,5 +2,9 @@
 
 Data flows dataset -> sampler -> model -> recipe loss -> engine:
 :mod:`training.data`, :mod:`training.models`, :mod:`training.recipes`, :mod:`training.engine`;
-entry points ``python -m training.{train,evaluate,demo,synth,visualize}``.
+commands ``reid-train``, ``reid-evaluate``, ``reid-demo``, ``reid-synth``, ``reid-visualize``
+(:mod:`training.commands`; ``python -m training.<module>`` in the checkout).
+
+Installed, this package is ``reid_kernels.training`` (``setup.py`` maps the name onto this
+folder); inside it every import is relative, so the code does not depend on the name it has.
 """

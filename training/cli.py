@@ -17,9 +17,20 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+_prog: Optional[str] = None
+
+
+def set_prog(command: Optional[str]) -> None:
+    """Name the parsers after the console command the user typed (``reid-train``; see
+    :mod:`training.commands`) instead of ``python -m <package>.<module>``."""
+    global _prog
+    _prog = command
+
+
 def parser(module: str, **kwargs) -> ArgumentParser:
-    """The parser of ``python -m training.<module>``."""
-    return ArgumentParser(prog=f"python -m training.{module}", **kwargs)
+    """The parser of ``python -m training.<module>`` (``reid_kernels.training.<module>`` when
+    installed), or of the console command that :func:`set_prog` named."""
+    return ArgumentParser(prog=_prog or f"python -m {__package__}.{module}", **kwargs)
 
 
 def one_line_failures(run: Callable[[], int], errors: Optional[Tuple[Type[BaseException], ...]] = None) -> int:
