@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.reid_kernels-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 
-.PHONY: install demo test bench cuda-check gpu-check gpu-check-dry clean
+.PHONY: install demo test bench docs cuda-check gpu-check gpu-check-dry clean
 
 install: $(STAMP)
 
@@ -33,6 +33,11 @@ test: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_cmalign.py --device cpu
+
+# The API reference from the docstrings (pdoc, from PyPI), every warning an error: build/docs/.
+docs: install
+	$(BIN)/python -m pip install -q pdoc
+	$(BIN)/python scripts/build_docs.py --out build/docs
 
 # Compile + link the CUDA kernels (needs nvcc, not a GPU); see .ci/cuda_check.sh.
 cuda-check:
