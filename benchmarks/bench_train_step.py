@@ -65,12 +65,12 @@ import reid_kernels  # noqa: E402
 import reid_kernels.nn as rk_nn  # noqa: E402
 from reid_kernels import reference  # noqa: E402
 
-import training.recipes.lba as lba_module  # noqa: E402
-from training.config import load_config  # noqa: E402
-from training.data import Batch  # noqa: E402
-from training.engine.schedule import EpochSchedule, build_optimizer  # noqa: E402
-from training.recipes import RECIPES, TrainContext, build_model  # noqa: E402
-from training.recipes.mce import MODALITY_BANK  # noqa: E402
+import reid_kernels.training.recipes.lba as lba_module  # noqa: E402
+from reid_kernels.training.config import load_config  # noqa: E402
+from reid_kernels.training.data import Batch  # noqa: E402
+from reid_kernels.training.engine.schedule import EpochSchedule, build_optimizer  # noqa: E402
+from reid_kernels.training.recipes import RECIPES, TrainContext, build_model  # noqa: E402
+from reid_kernels.training.recipes.mce import MODALITY_BANK  # noqa: E402
 
 BACKENDS = ("reference", "reid_kernels")
 # Recipes whose training step runs reid_kernels operators. SAAI's does not (its losses are plain

@@ -7,8 +7,8 @@ import warnings
 import pytest
 from train_helpers import tiny_synth
 
-from training.config import ConfigError, load_config
-from training.train import main as train_main
+from reid_kernels.training.config import ConfigError, load_config
+from reid_kernels.training.train import main as train_main
 
 SMALL = ["data.height=32", "data.width=16", "data.pad=2", "model.width=8", "train.epochs=1",
          "train.max_steps_per_epoch=1", "train.progress=false", "eval.final=false", "train.tensorboard=false"]
@@ -113,8 +113,8 @@ def test_yaml_12_numbers_and_finite_values(tmp_path):
 def test_evaluate_and_visualize_refuse_in_one_line(tmp_path, synth_root, capsys, monkeypatch):
     import torch
 
-    from training.evaluate import main as evaluate_main
-    from training.visualize import main as visualize_main
+    from reid_kernels.training.evaluate import main as evaluate_main
+    from reid_kernels.training.visualize import main as visualize_main
 
     out = str(tmp_path / "run")
     assert run(["--config", "lba_synth", "--data-root", synth_root, "--out", out, *SMALL], capsys)[0] == 0
@@ -146,7 +146,7 @@ def test_evaluate_and_visualize_refuse_in_one_line(tmp_path, synth_root, capsys,
 
 
 def test_synth_cli_defaults_fit_and_bad_sizes_are_refused(tmp_path, capsys):
-    from training.synth import main as synth_main
+    from reid_kernels.training.synth import main as synth_main
 
     assert synth_main(["--out", str(tmp_path / "s"), "--ids", "12", "--height", "32", "--width", "16",
                        "--images-per-cam", "1"]) == 0  # the default --test-ids fits 12 ids
@@ -170,7 +170,7 @@ def test_cuda_device_without_cuda_is_one_line(tmp_path, synth_root, capsys):
 
 
 def test_demo_refuses_in_one_line_and_leaves_user_files_alone(tmp_path, capsys, monkeypatch):
-    from training import demo
+    from reid_kernels.training import demo
 
     def refused(args, needle, code=2):
         if code == "exit":
@@ -216,9 +216,9 @@ def test_demo_refuses_in_one_line_and_leaves_user_files_alone(tmp_path, capsys, 
 
 
 def test_bad_arguments_are_one_line_in_every_cli(capsys):
-    from training.evaluate import main as evaluate_main
-    from training.synth import main as synth_main
-    from training.visualize import main as visualize_main
+    from reid_kernels.training.evaluate import main as evaluate_main
+    from reid_kernels.training.synth import main as synth_main
+    from reid_kernels.training.visualize import main as visualize_main
 
     for main, args in ((train_main, ["--config"]), (train_main, []), (evaluate_main, ["--device", "tpu"]),
                        (visualize_main, ["--site", "3"]), (synth_main, ["--ids", "many"])):

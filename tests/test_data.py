@@ -6,11 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-from training.data import (BatchSpec, CrossModalityIdentitySampler, DatasetError, ImageCache, ModalityDataset,
+from reid_kernels.training.data import (BatchSpec, CrossModalityIdentitySampler, DatasetError, ImageCache, ModalityDataset,
                            TrainTransform, collate_batch,
                            load_trainset)
-from training.data.common import load_image
-from training.synth import SynthConfig, generate
+from reid_kernels.training.data.common import load_image
+from reid_kernels.training.synth import SynthConfig, generate
 
 
 @pytest.fixture(scope="module")

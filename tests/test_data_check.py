@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 from train_helpers import tiny_synth
 
-from training.data import DatasetError
-from training.data.check import check_images, decode_problem
-from training.train import main as train_main
+from reid_kernels.training.data import DatasetError
+from reid_kernels.training.data.check import check_images, decode_problem
+from reid_kernels.training.train import main as train_main
 
 SMALL = ["data.height=32", "data.width=16", "data.pad=2", "model.width=8", "model.depth=10", "train.epochs=1",
          "train.max_steps_per_epoch=1", "train.progress=false", "eval.final=false", "train.tensorboard=false",
@@ -179,7 +179,7 @@ def test_everything_printed_reaches_train_log(tmp_path, synth_root, capsys, monk
 
 
 def test_progress_bar_redraws_in_a_terminal(monkeypatch):
-    from training.engine.logs import progress
+    from reid_kernels.training.engine.logs import progress
 
     class Terminal(io.StringIO):
         def isatty(self):
@@ -198,7 +198,7 @@ def test_progress_bar_redraws_in_a_terminal(monkeypatch):
 
 
 def test_an_unexpected_error_keeps_its_traceback_and_reaches_train_log(tmp_path, synth_root, capsys, monkeypatch):
-    from training.engine.loop import Trainer
+    from reid_kernels.training.engine.loop import Trainer
 
     def broken(self, *args, **kwargs):
         raise RuntimeError("boom in epoch")
@@ -254,7 +254,7 @@ def test_protocol_without_visible_images_names_the_ids_and_cameras(tmp_path):
 
 
 def test_evaluate_cli_turns_the_protocol_error_into_one_line(tmp_path, synth_root, capsys):
-    from training.evaluate import main as evaluate_main
+    from reid_kernels.training.evaluate import main as evaluate_main
 
     out = tmp_path / "run"
     assert train(["--config", "lba_synth", "--data-root", synth_root, "--out", str(out), *SMALL], capsys)[0] == 0

@@ -10,11 +10,11 @@ from ddp_util import rank_env, run_ranks
 from train_helpers import (H, W, assert_same_state, cli_train_then_evaluate, make_trainer, small_config,
                            straight_and_resumed, tiny_synth, train_and_evaluate)
 
-from training.config import ConfigError, load_config
-from training.data import Batch, channel_exchange
-from training.features import image_seed
-from training.models import ModelOutput, ReIDBackbone, load_pretrained
-from training.recipes import MCERecipe, build_model
+from reid_kernels.training.config import ConfigError, load_config
+from reid_kernels.training.data import Batch, channel_exchange
+from reid_kernels.training.features import image_seed
+from reid_kernels.training.models import ModelOutput, ReIDBackbone, load_pretrained
+from reid_kernels.training.recipes import MCERecipe, build_model
 NUM_CLASSES, DIM, N = 6, 32, 4  # DIM = width 4 * 8 (BasicBlock, depth 10): model.width=4
 
 
@@ -98,7 +98,7 @@ def test_non_local_blocks_follow_agw_placement_and_start_as_identity():
 
 
 def test_non_local_block_matches_its_equation():
-    from training.models import NonLocalBlock
+    from reid_kernels.training.models import NonLocalBlock
 
     torch.manual_seed(0)
     block = NonLocalBlock(5)
@@ -297,7 +297,7 @@ def test_every_table3_switch_runs_and_backpropagates(row):
 
 # --- the engine: refresh, training, resume, evaluate --json -----------------------------------------------
 def test_epoch_start_refresh_equals_class_means_of_a_plain_pass(synth_root, tmp_path):
-    from training.data import ImageCache, normalize
+    from reid_kernels.training.data import ImageCache, normalize
 
     trainer = make_trainer(mce_config(synth_root, str(tmp_path / "r")))
     recipe, model = trainer.recipe, trainer.model

@@ -107,7 +107,7 @@ def test_bad_arguments(kwargs, error, match):
 
 def test_lba_recipe_draws_negatives_as_the_released_code():
     """The LbA recipe's default is the released code's draw; the library's default is unchanged."""
-    from training.config import ConfigError, load_config
+    from reid_kernels.training.config import ConfigError, load_config
 
     for name in (None, "lba_synth", "lba_sysu", "lba_regdb"):
         assert load_config(name)["loss"]["negative_draw"] == "lba-code"

@@ -10,9 +10,9 @@ from ddp_util import rank_env, run_ranks
 from train_helpers import (H, W, assert_same_state, make_trainer, small_config, straight_and_resumed, tiny_synth,
                            train_and_evaluate)
 
-from training.data import Batch
-from training.recipes import PEARecipe, build_model
-from training.recipes.lba import batch_hard_triplet
+from reid_kernels.training.data import Batch
+from reid_kernels.training.recipes import PEARecipe, build_model
+from reid_kernels.training.recipes.lba import batch_hard_triplet
 
 
 @pytest.fixture(scope="module")

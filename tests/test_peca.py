@@ -11,12 +11,12 @@ from ddp_util import rank_env, run_ranks
 from train_helpers import H, W, assert_same_state, make_trainer, small_config, straight_and_resumed, tiny_synth
 from train_helpers import cli_train_then_evaluate, train_and_evaluate
 
-from training.data import (Batch, BatchSpec, ICAL_VARIANTS, ImageCache, ModalityDataset, TrainTransform, ical_image,
+from reid_kernels.training.data import (Batch, BatchSpec, ICAL_VARIANTS, ImageCache, ModalityDataset, TrainTransform, ical_image,
                            ical_mix, load_trainset, normalize)
-from training.models import ModelOutput
-from training.recipes import PECARecipe, build_model
-from training.recipes.base import TrainContext
-from training.recipes.peca import (ABLATION, ablation_updates, local_features, part_crops,
+from reid_kernels.training.models import ModelOutput
+from reid_kernels.training.recipes import PECARecipe, build_model
+from reid_kernels.training.recipes.base import TrainContext
+from reid_kernels.training.recipes.peca import (ABLATION, ablation_updates, local_features, part_crops,
                                    weighted_regularized_triplet)
 
 
@@ -372,7 +372,7 @@ def test_every_ablation_model_runs_and_backpropagates(name):
 
 
 def test_stems_must_match_the_generated_stream():
-    from training.config import ConfigError
+    from reid_kernels.training.config import ConfigError
 
     with pytest.raises(ConfigError, match="model.stems.*expected 2, got 3"):
         peca_config(**{"loss.ical": False})

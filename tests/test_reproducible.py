@@ -12,8 +12,8 @@ import pytest
 import torch
 from train_helpers import tiny_synth
 
-from training import reproducible
-from training.demo import format_table
+from reid_kernels.training import reproducible
+from reid_kernels.training.demo import format_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NO_AVX2 = reproducible.cpu_lacks_avx2()

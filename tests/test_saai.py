@@ -10,12 +10,12 @@ from ddp_util import rank_env, run_ranks
 from train_helpers import (H, W, assert_same_state, cli_train_then_evaluate, make_trainer, small_config,
                            straight_and_resumed, tiny_synth, train_and_evaluate)
 
-from training.config import ConfigError, load_config
-from training.data import Batch
-from training.data.transforms import TrainTransform
-from training.evaluate import FeatureExtractor, evaluate
-from training.models import SAFL, DualBNNeck, feature_map_size
-from training.recipes import SAAIRecipe, build_model
+from reid_kernels.training.config import ConfigError, load_config
+from reid_kernels.training.data import Batch
+from reid_kernels.training.data.transforms import TrainTransform
+from reid_kernels.training.evaluate import FeatureExtractor, evaluate
+from reid_kernels.training.models import SAFL, DualBNNeck, feature_map_size
+from reid_kernels.training.recipes import SAAIRecipe, build_model
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +254,7 @@ def test_ddp_two_processes_with_the_head_inside_forward(synth_root, tmp_path):
 
 
 def test_mam_blocks_follow_layer3_and_layer4_and_match_their_equation():
-    from training.models import MAM, ReIDBackbone
+    from reid_kernels.training.models import MAM, ReIDBackbone
 
     torch.manual_seed(4)
     model = ReIDBackbone(num_classes=3, depth=10, width=8, stems=1, mam=True, bnneck=False)

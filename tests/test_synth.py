@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.synth import IR_CAMS, RGB_CAMS, SynthConfig, generate, main
+from reid_kernels.training.synth import IR_CAMS, RGB_CAMS, SynthConfig, generate, main
 
 SMALL = dict(ids=8, test_ids=3, val_ids=1, height=32, width=16, images_per_cam=2)
 

@@ -7,13 +7,13 @@ import torch
 from ddp_util import rank_env, run_ranks
 from train_helpers import make_trainer, train_and_evaluate
 
-from training.config import ConfigError, load_config
-from training.data import Batch
-from training.engine.schedule import lr_factor
-from training.evaluate import evaluate
-from training.models import ReIDBackbone, load_pretrained
-from training.recipes import LbARecipe, batch_hard_triplet
-from training.synth import SynthConfig, generate
+from reid_kernels.training.config import ConfigError, load_config
+from reid_kernels.training.data import Batch
+from reid_kernels.training.engine.schedule import lr_factor
+from reid_kernels.training.evaluate import evaluate
+from reid_kernels.training.models import ReIDBackbone, load_pretrained
+from reid_kernels.training.recipes import LbARecipe, batch_hard_triplet
+from reid_kernels.training.synth import SynthConfig, generate
 
 H, W = 32, 16
 
@@ -63,7 +63,7 @@ def test_configs_resolve_by_name_and_cli_reports_key(capsys):
     for name in ("lba_sysu", "lba_regdb", "lba_synth"):
         cfg = load_config(name)
         assert cfg["loss"]["lambda_ic"] == 1.0 and cfg["loss"]["lambda_dt"] == 0.5 and cfg["loss"]["beta"] == 50.0
-    from training.train import main
+    from reid_kernels.training.train import main
 
     assert main(["--config", "lba_synth", "loss.beta=0"]) == 2
     assert "loss.beta" in capsys.readouterr().err
@@ -273,8 +273,8 @@ def test_ddp_resume_is_bit_exact_on_every_rank(synth_root, tmp_path):
 # --- CLIs and the RegDB evaluation path ---------------------------------------------------------------
 @pytest.mark.slow
 def test_train_and_evaluate_clis(synth_root, tmp_path, capsys):
-    from training.evaluate import main as evaluate_main
-    from training.train import main as train_main
+    from reid_kernels.training.evaluate import main as evaluate_main
+    from reid_kernels.training.train import main as train_main
 
     out = str(tmp_path / "cli")
     args = ["--config", "lba_synth", "--data-root", synth_root, "--out", out,
@@ -293,7 +293,7 @@ def test_train_and_evaluate_clis(synth_root, tmp_path, capsys):
 def test_regdb_evaluation_routes_modalities(tmp_path):
     from PIL import Image
 
-    from training.evaluate import modality_of
+    from reid_kernels.training.evaluate import modality_of
 
     root = tmp_path / "RegDB"
     for split in ("train", "test"):
@@ -325,7 +325,7 @@ def test_regdb_evaluation_routes_modalities(tmp_path):
 
 @pytest.mark.slow
 def test_demo_pipeline_writes_table_and_figure(tmp_path):
-    from training.demo import run_demo
+    from reid_kernels.training.demo import run_demo
 
     overrides = ["data.height=32", "data.width=16", "data.pad=2", "data.synth.ids=14", "data.synth.test_ids=4",
                  "data.synth.images_per_cam=2", "model.width=8", "train.epochs=1", "train.max_steps_per_epoch=2",

@@ -5,9 +5,9 @@ import warnings
 
 import torch
 
-from training.config import load_config
-from training.engine.loop import Trainer
-from training.synth import SynthConfig, generate
+from reid_kernels.training.config import load_config
+from reid_kernels.training.engine.loop import Trainer
+from reid_kernels.training.synth import SynthConfig, generate
 
 H, W = 32, 16
 
@@ -63,7 +63,7 @@ def assert_same_state(a: dict, b: dict) -> None:
 
 def train_and_evaluate(cfg, root):
     """(mAP of the untrained network, mAP after ``fit``, per-epoch losses, history) of one run."""
-    from training.evaluate import evaluate
+    from reid_kernels.training.evaluate import evaluate
 
     trainer = make_trainer(cfg)
     before = evaluate(trainer.model, root, cfg)["summary"]["mAP"]
@@ -76,8 +76,8 @@ def train_and_evaluate(cfg, root):
 def cli_train_then_evaluate(config: str, root: str, tmp_path, evaluations=((),)):
     """``training.train --config config`` for 2 small steps, then ``training.evaluate --checkpoint
     final.pt --json`` once per tuple of overrides in ``evaluations``; returns each run's JSON rows."""
-    from training.evaluate import main as evaluate_main
-    from training.train import main as train_main
+    from reid_kernels.training.evaluate import main as evaluate_main
+    from reid_kernels.training.train import main as train_main
 
     out = str(tmp_path / "cli")
     args = ["--config", config, "--data-root", root, "--out", out, "data.height=32", "data.width=16",
