@@ -26,7 +26,7 @@ import zipfile
 import pytest
 import torch
 
-pytestmark = [pytest.mark.install, pytest.mark.slow]
+install = pytest.mark.install
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMANDS = ("reid-train", "reid-evaluate", "reid-demo", "reid-synth", "reid-visualize")
@@ -79,6 +79,8 @@ def venv(built, tmp_path_factory):
     return path / "bin"
 
 
+@install
+@pytest.mark.slow
 def test_wheel_has_one_top_level_package_and_its_data(built):
     names = zipfile.ZipFile(built[0]).namelist()
     top = {n.split("/")[0] for n in names}
@@ -92,6 +94,8 @@ def test_wheel_has_one_top_level_package_and_its_data(built):
         assert f"{command} = reid_kernels.training.commands:" in text
 
 
+@install
+@pytest.mark.slow
 def test_sdist_holds_the_sources_the_build_needs(built):
     import tarfile
 
@@ -102,6 +106,8 @@ def test_sdist_holds_the_sources_the_build_needs(built):
     assert "training/configs/lba_synth.yaml" in names and "MANIFEST.in" in names
 
 
+@install
+@pytest.mark.slow
 def test_installed_commands_beside_a_foreign_training_package(venv, tmp_path):
     user = tmp_path / "project"
     (user / "training").mkdir(parents=True)
@@ -133,6 +139,8 @@ def test_installed_commands_beside_a_foreign_training_package(venv, tmp_path):
     assert extension is True
 
 
+@install
+@pytest.mark.slow
 def test_installed_files_are_one_top_level_package(venv):
     """Every file the wheel put into site-packages lies under reid_kernels/ or its dist-info."""
     out = _run([str(venv / "python"), "-c",
@@ -140,3 +148,46 @@ def test_installed_files_are_one_top_level_package(venv):
                cwd=str(venv), env=_user_env()).stdout.split()
     top = {f.split("/")[0] for f in out if not f.startswith("..")}  # ../../../bin/reid-*: the commands
     assert {t for t in top if not t.endswith(".dist-info")} == {"reid_kernels"}, sorted(top)
+
+
+# The console commands' own logic, through the checkout's editable install (no wheel build).
+
+def test_a_command_names_itself_in_help_and_errors(capsys):
+    from reid_kernels.training.cli import set_prog
+    from reid_kernels.training.commands import run
+
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            run("synth", "reid-synth", ["--help"])
+        assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("usage: reid-synth ")
+        with pytest.raises(SystemExit) as exit_info:
+            run("synth", "reid-synth", ["--ids", "x"])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.startswith("error: argument --ids: invalid int value: 'x' (see reid-synth --help)")
+    finally:
+        set_prog(None)
+
+
+@pytest.mark.skipif(__import__("reid_kernels.training.reproducible", fromlist=["x"]).cpu_lacks_avx2() is not None,
+                    reason="needs an x86-64 CPU with AVX2")
+@pytest.mark.parametrize("switch, pinned", [([], True), (["--no-reproducible"], False)])
+def test_a_command_restarts_with_the_reproducible_pins(tmp_path_factory, tmp_path, switch, pinned):
+    """torch is loaded before a command's code runs, so reid-train re-executes itself with the pins
+    set (and does not when they are turned off)."""
+    from reid_kernels.training.reproducible import PINS
+    from train_helpers import tiny_synth
+
+    root = tiny_synth(tmp_path_factory, "synth_commands", seed=3)
+    out = tmp_path / "run"
+    code = ("import sys; from reid_kernels.training.commands import train; sys.argv[0] = 'reid-train'; "
+            "sys.exit(train())")
+    env = {k: v for k, v in os.environ.items() if k not in PINS}
+    result = subprocess.run([sys.executable, "-c", code, "--config", "lba_synth", "--data-root", root, "--out", str(out),
+                             "data.height=32", "data.width=16", "data.pad=2", "model.width=8", "train.epochs=1",
+                             "train.max_steps_per_epoch=1", "train.progress=false", "eval.final=false",
+                             "train.tensorboard=false", *switch], cwd=str(tmp_path), env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    setting = json.load(open(out / "history.json"))["reproducible"]
+    assert setting["pinned"] is pinned and setting["requested"] is pinned
+    assert setting["env"] == (PINS if pinned else dict.fromkeys(PINS))
