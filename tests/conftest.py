@@ -1,9 +1,17 @@
 import contextlib
+import importlib.util
+import os
 
 import pytest
 import torch
 
 import reid_kernels
+
+# The checkout without an install (a lent GPU machine builds the extension in place only, see
+# scripts/gpu_check.py): no finder maps reid_kernels.training onto training/, so let reid_kernels'
+# path include the repository root, where the training/ folder is found as its subpackage.
+if importlib.util.find_spec("reid_kernels.training") is None:
+    reid_kernels.__path__.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def available_devices():
