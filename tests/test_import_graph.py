@@ -6,6 +6,8 @@ where it can still fail half-initialised, and it hides the layering (dataset -> 
 -> recipe -> engine -> commands) from the reader.  Importing ``a.b.c`` runs ``a/__init__`` and
 ``a/b/__init__`` first, so an edge also goes to each enclosing package of the target, except the
 packages that enclose the importing module itself (they are already being initialised then).
+Not seen: ``importlib.import_module`` by name, which only training/commands.py uses (to run the
+module a console command names; nothing imports commands.py, so it cannot close a cycle).
 """
 import ast
 import os
