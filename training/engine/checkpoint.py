@@ -18,7 +18,7 @@ import hashlib
 import os
 import random
 import warnings
-from typing import Dict, List, Mapping
+from typing import Dict, List, Mapping, Optional
 
 import numpy as np
 import torch
@@ -212,11 +212,12 @@ def state_dict_differences(expected: Mapping[str, torch.Tensor], stored: Mapping
     return "; ".join(parts)
 
 
-def check_model_state(expected: Mapping[str, torch.Tensor], state: dict, path: str, what: str) -> None:
+def check_model_state(expected: Mapping[str, torch.Tensor], state: dict, path: Optional[str], what: str) -> None:
     """Raise :class:`CheckpointMismatch` when ``state``'s model does not fit ``expected``."""
     problem = state_dict_differences(expected, state["model"])
     if problem:
-        raise CheckpointMismatch(f"{what}: {path} holds another model than the config builds ({problem})")
+        raise CheckpointMismatch(f"{what}: {path or 'the checkpoint'} holds another model than its config "
+                                 f"builds ({problem})")
 
 
 def _build_without_weights(cfg: dict, num_classes: int):
@@ -237,7 +238,7 @@ def check_model_shape(state: dict, cfg: dict, path: str, what: str) -> None:
     check_model_state(expected, state, path, what)
 
 
-def load_model_from_checkpoint(state: dict, cfg: dict, path: str = "checkpoint", what: str = "--checkpoint"):
+def load_model_from_checkpoint(state: dict, cfg: dict, path: Optional[str] = None, what: str = "--checkpoint"):
     """The model of a checkpoint (built as its recipe builds it), weights loaded."""
     model = _build_without_weights(cfg, state["num_classes"])
     check_model_state(model.state_dict(), state, path, what)
