@@ -243,3 +243,67 @@ def load_config(name_or_path: Optional[str] = None, overrides: Sequence[str] = (
 
 def dump(cfg: Dict[str, Any]) -> str:
     return yaml.safe_dump(cfg, sort_keys=False)
+
+
+# --- resuming a run -------------------------------------------------------------------------------
+# Keys a resume may set to another value than the run was started with: they say where the run's
+# files are, how fast and on what it computes, what it prints and how it is evaluated -- never what
+# is trained. ``train.epochs`` extends (or ends earlier) a run whose schedule does not depend on it
+# (warm-up and decays are fixed epochs); ``data.root`` is where the same dataset lies now (the
+# dataset check and the checkpoint's class count guard it); ``eval.*`` is the test protocol only.
+# ``train.amp`` and ``train.max_steps_per_epoch`` change what an epoch computes, so they are not here.
+RESUME_OVERRIDABLE = ("out", "data.root", "data.workers", "data.cache", "train.epochs", "train.device",
+                      "train.threads", "train.deterministic", "train.eval_every", "train.checkpoint_every",
+                      "train.log_every", "train.progress", "train.tensorboard", "eval.*")
+
+
+def resume_overridable(key: str) -> bool:
+    """Whether ``key`` (dotted) is in :data:`RESUME_OVERRIDABLE` (``section.*`` covers a section)."""
+    return any(key == allowed or (allowed.endswith(".*") and key.startswith(allowed[:-1]))
+               for allowed in RESUME_OVERRIDABLE)
+
+
+def _same_path(a: Any, b: Any) -> bool:
+    return isinstance(a, str) and isinstance(b, str) and os.path.abspath(a) == os.path.abspath(b)
+
+
+def differences(before: Dict[str, Any], after: Dict[str, Any]) -> Dict[str, tuple]:
+    """``{dotted key: (value in before, value in after)}`` for every key whose value differs
+    (a path key -- ``out``, ``data.root`` -- only when the two name different places)."""
+    old, new = flatten(before), flatten(after)
+    changed = {}
+    for key in list(old) + [k for k in new if k not in old]:
+        a, b = old.get(key), new.get(key)
+        if a == b or (key in ("out", "data.root") and _same_path(a, b)):
+            continue
+        changed[key] = (a, b)
+    return changed
+
+
+def resume_config(stored: Dict[str, Any], overrides: Sequence[str] = (),
+                  updates: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The config a resumed run trains with: the checkpoint's ``stored`` config (over this version's
+    defaults for its recipe, so keys added since keep their defaults) <- dotted ``updates`` <-
+    ``key=value`` overrides, validated. Whether the result may differ from ``stored`` is the
+    caller's to decide (:func:`differences`, :func:`resume_overridable`)."""
+    cfg = defaults_for(stored.get("recipe"))
+    for key, value in flatten(stored).items():
+        _set(cfg, key, value)
+    for key, value in (updates or {}).items():
+        _set(cfg, key, value)
+    for key, value in (parse_override(text) for text in overrides):
+        _set(cfg, key, value)
+    return validate(cfg)
+
+
+def format_value(value: Any) -> str:
+    """A config value as one would write it in an override (``false``, ``[4, 5]``, ``null``)."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10 ** 6).strip().removesuffix("\n...").strip()
+
+
+def undo_changes(cfg: Dict[str, Any], changes: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """``cfg`` as it was before ``changes`` (records ``{"key", "from", ...}``, oldest first) were made."""
+    original = copy.deepcopy(cfg)
+    for change in reversed(changes):
+        _set(original, change["key"], copy.deepcopy(change["from"]))
+    return original

@@ -5,21 +5,26 @@ needs, computes the losses and runs its own hooks.
 * AMP (bf16, or fp16 with a gradient scaler) on CUDA only;
 * DDP under ``torchrun`` (gloo on CPU, NCCL on CUDA): each rank takes every
   ``world_size``-th sampler batch; rank 0 logs, evaluates and writes checkpoints;
-* ``resume`` continues bit-exactly from an epoch boundary (see :mod:`.checkpoint`).
+* ``resume`` continues bit-exactly from an epoch boundary (see :mod:`.checkpoint`), with the
+  checkpoint's config: a key outside :data:`~training.config.RESUME_OVERRIDABLE` may differ only
+  with ``resume_with_changes``; every change is logged, kept in the checkpoint and in
+  ``history.json`` (``config_changes``) and in ``config_changes.yaml`` beside the run's original
+  ``config.yaml``.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 import time
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch.utils.data import DataLoader
 
 from .. import reproducible
-from ..config import ConfigError, dump
+from ..config import ConfigError, dump, undo_changes
 from ..data import (CrossModalityIdentitySampler, DatasetError, ImageCache, ModalityDataset, build_train_transform,
                     collate_batch, load_trainset, resolve_data_root)
 from ..data.check import check_dataset
@@ -27,7 +32,10 @@ from ..evaluate import evaluate
 from ..features import extract_features
 from ..recipes import TrainContext, build_model, recipe_class
 from . import distributed
-from .checkpoint import FORMAT, CheckpointError, atomic_save, read_checkpoint, rng_state, seed_everything, set_rng_state
+from .checkpoint import (CheckpointMismatch, atomic_save, check_model_state, check_processes, describe_changes,
+                         read_checkpoint, resume_changes, rng_state, seal, seed_everything, set_rng_state,
+                         toolkit_version)
+from .durable import atomic_write_text
 from .logs import TensorBoard, close_logger, fmt, make_logger, null_logger, progress
 from .schedule import EpochSchedule, build_optimizer
 
@@ -73,6 +81,7 @@ class Trainer:
         self.epoch = 0  # next epoch to run
         self.step = 0
         self.history = []
+        self.config_changes: List[dict] = []  # what resumes changed in the config, and from which epoch
         self.tb = TensorBoard(self.out, t["tensorboard"] and self.rank == 0 and not quiet, self.log.info)
         self.context = TrainContext(self.model, self.device, self.trainset, cfg, log=self.log.info,
                                     extract=self.extract_trainset)
@@ -148,7 +157,7 @@ class Trainer:
                 "recipe": mine["recipe"], "scaler": self.scaler.state_dict(), "rng": mine["rng"],
                 "ranks": distributed.gather_objects(mine, self.world_size),
                 "epoch": self.epoch, "step": self.step, "history": self.history, "config": self.cfg,
-                "num_classes": self.trainset.num_classes, "format": FORMAT}
+                "config_changes": self.config_changes, "num_classes": self.trainset.num_classes}
 
     def save(self, name: str) -> Optional[str]:
         state = self.state_dict()  # on every rank: it gathers the ranks' states
@@ -156,24 +165,38 @@ class Trainer:
             return None
         os.makedirs(self.out, exist_ok=True)
         path = os.path.join(self.out, name)
-        atomic_save(state, path)
+        atomic_save(seal(state), path)
         return path
 
-    def load(self, path: str) -> None:
-        state = read_checkpoint(path, "--resume")
+    def load(self, path: str, with_changes: bool = False) -> None:
+        """Continue the run of checkpoint ``path``. Everything is checked before anything is loaded:
+        a damaged or foreign file, another process count, another class count, another model, a
+        config change outside ``RESUME_OVERRIDABLE`` (unless ``with_changes``) raise with one line."""
+        state = read_checkpoint(path, "--resume", for_resume=True)
+        check_processes(state, self.world_size, path)
+        if state["num_classes"] != self.trainset.num_classes:
+            raise CheckpointMismatch(f"--resume: {path} was trained on {state['num_classes']} identities; the "
+                                     f"training set at {self.data_root} has {self.trainset.num_classes}")
+        changes = resume_changes(state, self.cfg, path, with_changes)
+        check_model_state(self.model.state_dict(), state, path, "--resume")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.sampler.load_state_dict(state["sampler"])
         ranks = state.get("ranks") or [{"rng": state["rng"], "recipe": state["recipe"]}]
-        if len(ranks) != self.world_size:
-            raise CheckpointError(f"--resume: {path} was written by {len(ranks)} process(es); resume it with as many, "
-                             f"not {self.world_size}")
         self.recipe.load_state_dict(ranks[self.rank]["recipe"])
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(ranks[self.rank]["rng"])
         self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
-        self.log.info(f"resumed from {path} at epoch {self.epoch}")
+        self.config_changes = list(state.get("config_changes") or []) + changes
+        written_by = state.get("version") or "unknown"
+        self.log.info(f"resumed from {path} at epoch {self.epoch}"
+                      + (f" (written by reid_kernels {written_by})" if written_by != toolkit_version() else ""))
+        for forced in (False, True):
+            picked = [c for c in changes if c["forced"] == forced]
+            if picked:
+                why = "changed by --resume-with-changes" if forced else "changed on resume"
+                self.log.info(f"config {why}, from epoch {self.epoch + 1}: {describe_changes(picked)}")
 
     # --- training ----------------------------------------------------------------------
     def _sync_context(self) -> TrainContext:
@@ -234,15 +257,15 @@ class Trainer:
     def evaluate(self) -> Dict[str, object]:
         return evaluate(self.model, self.data_root, self.cfg)
 
-    def fit(self, resume: Optional[str] = None) -> Dict[str, object]:
+    def fit(self, resume: Optional[str] = None, resume_with_changes: bool = False) -> Dict[str, object]:
+        """Train to ``train.epochs``; ``resume``: continue that checkpoint's run (:meth:`load`)."""
         t = self.cfg["train"]
         if resume:
-            self.load(resume)
+            self.load(resume, with_changes=resume_with_changes)
         if self.rank == 0 and self.out:
             os.makedirs(self.out, exist_ok=True)
             self._remove_stale_temporaries()
-            with open(os.path.join(self.out, "config.yaml"), "wt") as handle:
-                handle.write(dump(self.cfg))
+            self._write_config(resumed=bool(resume))
         last_eval = None
         while self.epoch < t["epochs"]:
             means = self.train_epoch()
@@ -265,20 +288,37 @@ class Trainer:
             self._log_eval(last_eval)
         path = self.save("final.pt")
         if self.rank == 0 and self.out:
-            with open(os.path.join(self.out, "history.json"), "wt") as handle:
-                json.dump({"history": self.history, "final": last_eval and {k: last_eval[k] for k in ("rows", "summary")},
-                           "reproducible": self.reproducibility, "deterministic": self.determinism},
-                          handle, indent=1, default=float)
+            history = {"history": self.history, "final": last_eval and {k: last_eval[k] for k in ("rows", "summary")},
+                       "reproducible": self.reproducibility, "deterministic": self.determinism,
+                       "config_changes": self.config_changes}
+            atomic_write_text(os.path.join(self.out, "history.json"), json.dumps(history, indent=1, default=float))
         self.tb.close()
         self._barrier()
         return {"eval": last_eval, "history": self.history, "checkpoint": path}
 
+    def _write_config(self, resumed: bool) -> None:
+        """``config.yaml``: the config the run started with, never rewritten by a resume (written
+        afresh only where it is missing: a resume into another folder); ``config_changes.yaml``
+        beside it: what resumes changed, each change with the first epoch trained with it."""
+        config_path = os.path.join(self.out, "config.yaml")
+        changes_path = os.path.join(self.out, "config_changes.yaml")
+        if not resumed or not os.path.isfile(config_path):
+            atomic_write_text(config_path, dump(undo_changes(self.cfg, self.config_changes)))
+        if self.config_changes:
+            atomic_write_text(changes_path, "# config keys resumes changed (config.yaml: the run as started); epoch: "
+                                            "the first epoch trained with the change\n" + dump(self.config_changes))
+        elif not resumed and os.path.isfile(changes_path):
+            os.remove(changes_path)  # the log of a run this fresh one replaces
+
+    # temporaries of atomic_write (``<name>.tmp.<pid>``) of the files a run writes
+    _TEMPORARY = re.compile(r"^(.+\.pt|history\.json|config\.yaml|config_changes\.yaml)\.tmp\.\d+$")
+
     def _remove_stale_temporaries(self) -> None:
-        """Temporary checkpoint files a killed save left behind (``*.pt.tmp.<pid>``)."""
+        """Temporary files a killed save left behind (``last.pt.tmp.<pid>``, ``history.json.tmp.<pid>`` ...)."""
         for name in os.listdir(self.out):
-            if ".pt.tmp." in name:
+            if self._TEMPORARY.match(name):
                 os.remove(os.path.join(self.out, name))
-                self.log.info(f"removed {name}, left by an interrupted checkpoint save")
+                self.log.info(f"removed {name}, left by an interrupted save")
 
     def _log_eval(self, result: Dict[str, object]) -> None:
         self.log.info(result["table"])
