@@ -296,6 +296,17 @@ def check_same_model(manifest: dict, index_dir: str, checkpoint: str, sha256: st
                             "cannot be compared")
 
 
+def remove_stale_temporaries(index_dir: str) -> None:
+    """Delete the temporary files of :func:`atomic_write` a killed run left in ``index_dir`` (named
+    ``<file>.tmp.<pid>``: only this command's own files, never renamed into place)."""
+    for folder in (index_dir, os.path.join(index_dir, SHARDS)):
+        if os.path.isdir(folder):
+            for name in os.listdir(folder):
+                if ".tmp." in name and name.split(".tmp.")[0] in (MANIFEST, INDEX_FILE) or (
+                        folder.endswith(SHARDS) and ".npy.tmp." in name):
+                    os.remove(os.path.join(folder, name))
+
+
 def write_faiss_index(index_dir: str, faiss_index) -> None:
     from reid_kernels.retrieval import import_faiss
 
