@@ -61,11 +61,12 @@ def faiss_has_gpu() -> bool:
 
 
 def default_pq_m(dim: int) -> int:
-    """IVF-PQ's default sub-quantiser count: the largest divisor of ``dim`` not above ``dim / 8``
-    (sub-vectors of at least 8 dimensions, one byte each: 2048-d -> 256 bytes, 32x smaller than
-    float32; 128-d -> 16 bytes), at least 1."""
+    """IVF-PQ's default sub-quantiser count: the largest divisor of ``dim`` not above ``dim / 16``
+    (sub-vectors of at least 16 dimensions, one byte each: 2048-d -> 128 bytes, 64x smaller than
+    float32; 128-d -> 8 bytes), at least 1. Shorter sub-vectors train much slower on the CPU
+    (measured at 10k x 2048 on one core: 8-d sub-vectors 147 s, 16-d 12 s, 32-d 15 s)."""
     dim = check_int("dim", dim, 1)
-    for m in range(max(1, dim // 8), 0, -1):
+    for m in range(max(1, dim // 16), 0, -1):
         if dim % m == 0:
             return m
     return 1
