@@ -42,7 +42,7 @@ class FeatureExtractor(nn.Module):
         super().__init__()
         from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-        self.model = model.eval()
+        self.model = model.eval().requires_grad_(False)  # inference only: outputs need no autograd
         self.descriptor = descriptor
         self.modality = modality
         self.register_buffer("mean", IMAGENET_MEAN.view(1, 3, 1, 1).clone())
@@ -97,7 +97,7 @@ def export_onnx(extractor: FeatureExtractor, example: torch.Tensor, modality: st
             torch.onnx.export(extractor, (example,), tmp, input_names=["images"], output_names=["features"],
                               dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}}, dynamo=False)
         model = onnx.load(tmp)
-        for key, value in {**meta, "modalities": modality}.items():
+        for key, value in meta.items():
             entry = model.metadata_props.add()
             entry.key, entry.value = key, json.dumps(value)
         onnx.save(model, tmp)
