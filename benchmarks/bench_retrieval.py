@@ -382,7 +382,7 @@ IMAGES_PER_ID = 10
 SCALE_STEP_CAP_S = 150.0     # a build or search predicted to take longer is skipped (and said so)
 SCALE_RUN_CAP_S = 22 * 60.0  # the whole case stops starting steps after this
 SCALE_MEMORY_CAP = 6 * 2**30  # an index predicted to need more than this (beside the gallery) is skipped
-SCALE_KNOBS = {"ivf": (4, 16, 64), "ivfpq": (4, 16, 64), "hnsw": (16, 64, 256)}
+SCALE_KNOBS = {"ivf": (4, 16, 64, 256), "ivfpq": (4, 16, 64, 256), "hnsw": (16, 64, 256)}
 
 
 def identity_gallery(n: int, dim: int, num_queries: int, seed: int, noise: float = 1.0):

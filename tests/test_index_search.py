@@ -157,6 +157,9 @@ def test_other_index_kinds_and_the_torch_fallback(world, tmp_path, monkeypatch):
         paths = [r["path"] for r in got["queries"][0]["results"]]
         if kind == "ivf":  # 2 lists, both probed: exhaustive, so exact
             assert paths == flat_paths
+            one = search_json(["--index", out, "--query", query, "--k", "10", "--nprobe", "1"],
+                              tmp_path / "ivf1.json")  # one list of two: another (approximate) answer
+            assert [r["path"] for r in one["queries"][0]["results"]] != flat_paths
         else:  # a graph search: approximate, but at 94 vectors with a beam of 64 nearly exact
             assert len(set(paths) & set(flat_paths)) >= 8
     monkeypatch.setitem(sys.modules, "faiss", None)  # no FAISS: exact search in torch over the shards
@@ -171,8 +174,9 @@ def test_other_index_kinds_and_the_torch_fallback(world, tmp_path, monkeypatch):
 def test_index_kind_policy_follows_the_measured_thresholds():
     assert gallery.choose_kind(1000, 2048) == "flat"
     assert gallery.choose_kind(gallery.FLAT_MAX_WORK // 2048, 2048) == "flat"
-    assert gallery.choose_kind(gallery.FLAT_MAX_WORK // 2048 + 1, 2048) == "ivf"
-    assert gallery.choose_kind(gallery.IVFPQ_MIN_BYTES // (4 * 2048) + 1, 2048) == "ivfpq"
+    assert gallery.choose_kind(gallery.FLAT_MAX_WORK // 2048 + 1, 2048) == "hnsw"
+    assert gallery.choose_kind(gallery.HNSW_MAX_BYTES // (4 * 2048), 2048) == "hnsw"
+    assert gallery.choose_kind(gallery.HNSW_MAX_BYTES // (4 * 2048) + 1, 2048) == "ivfpq"
     assert gallery.choose_kind(gallery.FLAT_MAX_WORK // 128, 128) == "flat"
     p = gallery.index_parameters("ivf", 1_000_000, 2048)
     assert p["nlist"] == 1000 and p["train_size"] == 40_000 and p["nprobe"] == gallery.DEFAULT_NPROBE
@@ -305,6 +309,7 @@ def bad_cases(world, tmp):
         ("k above the gallery", srch("--k", "94"), "--k: 94 is more than the 93"),
         ("k above the other modality", srch("--k", "65", "--cross-modality"), "--k: 65 is more than the 64"),
         ("k below 1", srch("--k", "0"), "--k"),
+        ("nprobe below 1", srch("--nprobe", "0"), "--nprobe"),
         ("existing json", srch("--json", str(existing)), "--json"),
         ("figure not png", srch("--figure", str(tmp / "x.jpg")), "--figure"),
         ("empty gallery", idx("--images", str(empty), "--out", str(tmp / "o1"), "--modality", "visible"),

@@ -202,7 +202,8 @@ def build_parser():
                         help="the modality of every image of a plain folder")
     parser.add_argument("--add", action="store_true", help="extend an existing index with the images not in it")
     parser.add_argument("--index-kind", choices=("auto",) + gallery.KINDS, default="auto",
-                        help="auto (default): exact below the measured size threshold, IVF / IVF-PQ above")
+                        help="auto (default): exact up to n x d = 100k x 2048, HNSW above while the vectors "
+                             "fit in 4 GiB, IVF-PQ beyond (docs/retrieval.md)")
     parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
                         help=f"images per feature shard (default {DEFAULT_SHARD_SIZE}): what an interruption can lose")
     parser.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: eval's)")

@@ -51,15 +51,16 @@ def open_index(index_dir: str) -> dict:
 class Gallery:
     """The records, features and searchable index of an INDEX_DIR."""
 
-    def __init__(self, index_dir: str, manifest: dict):
+    def __init__(self, index_dir: str, manifest: dict, nprobe: Optional[int] = None,
+                 ef_search: Optional[int] = None):
         self.records = gallery.records_of(manifest)
         self.features = gallery.load_features(index_dir, manifest)
         self.kind = manifest["index"]["kind"]
         self.index = None
         if manifest["index"]["backend"] == "faiss":
-            self.index = self._read_faiss(index_dir, manifest)
+            self.index = self._read_faiss(index_dir, manifest, nprobe, ef_search)
 
-    def _read_faiss(self, index_dir: str, manifest: dict):
+    def _read_faiss(self, index_dir: str, manifest: dict, nprobe: Optional[int], ef_search: Optional[int]):
         from reid_kernels.retrieval import GalleryIndex, import_faiss
 
         faiss = import_faiss()
@@ -73,7 +74,8 @@ class Gallery:
         try:
             return GalleryIndex.from_faiss(loaded, self.kind, pids=[r.person_id for r in self.records],
                                            camids=[r.camera for r in self.records],
-                                           nprobe=params.get("nprobe", 8), ef_search=params.get("ef_search", 64),
+                                           nprobe=nprobe or params.get("nprobe", gallery.DEFAULT_NPROBE),
+                                           ef_search=ef_search or params.get("ef_search", gallery.DEFAULT_EF_SEARCH),
                                            name=f"--index: {path}")
         except ValueError as error:
             raise IndexDirError(str(error)) from None
@@ -197,7 +199,7 @@ def run(args) -> int:
                             "with --checkpoint")
     sha256 = gallery.sha256_of(checkpoint)
     gallery.check_same_model(manifest, args.index, checkpoint, sha256, "--checkpoint")
-    g = Gallery(args.index, manifest)
+    g = Gallery(args.index, manifest, args.nprobe, args.ef_search)
     queries = query_records(args.query, g.records, args.query_modality)
     for q in queries:
         allowed = int(allowed_rows(g.records, q, args.cross_modality).sum())
@@ -247,6 +249,10 @@ def build_parser():
     parser.add_argument("--json", default=None, metavar="OUT.json", help="write the ranked lists as JSON")
     parser.add_argument("--figure", default=None, metavar="OUT.png", help="draw the ranked lists")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --json / --figure file")
+    parser.add_argument("--nprobe", type=int, default=None,
+                        help="IVF / IVF-PQ lists visited per query (default: the index's); more = better recall, slower")
+    parser.add_argument("--ef-search", type=int, default=None,
+                        help="HNSW search beam (default: the index's); more = better recall, slower")
     parser.add_argument("--query-modality", choices=gallery.MODALITIES, default=None)
     parser.add_argument("--checkpoint", default=None, help="the index's model (default: the path it records)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -262,6 +268,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.k < 1:
         parser.error(f"--k: expected at least 1 result per query, got {args.k}")
+    for flag, value in (("--nprobe", args.nprobe), ("--ef-search", args.ef_search)):
+        if value is not None and value < 1:
+            parser.error(f"{flag}: expected at least 1, got {value}")
     return one_line_failures(lambda: run(args), (CheckpointError, DatasetError, IndexDirError, FileNotFoundError))
 
 
