@@ -463,14 +463,14 @@ def _recall(found: np.ndarray, truth: np.ndarray):
 
 
 def case_scale(args) -> List[Dict[str, object]]:
-    import faiss
+    import faiss  # noqa: F401  (the scale case measures FAISS: fail before generating galleries)
 
     from reid_kernels.retrieval import GalleryIndex
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from training.gallery import index_parameters  # the index command's own parameters
 
-    sizes, dims, num_q = SCALE_SIZES, SCALE_DIMS, SCALE_QUERIES
+    sizes, dims, num_q = SCALE_SIZES, tuple(int(d) for d in args.scale_dims.split(",")), SCALE_QUERIES
     step_cap, run_cap = SCALE_STEP_CAP_S, SCALE_RUN_CAP_S
     if args.smoke or args.quick:
         sizes, dims, num_q, step_cap = (2000, 6000), (64,), 50, 30.0
@@ -480,8 +480,13 @@ def case_scale(args) -> List[Dict[str, object]]:
         history: Dict[str, List] = {}
         for n in sizes:
             gallery_bytes = n * dim * 4
-            if gallery_bytes > available_bytes() - 2 * 2**30:
-                rows.append({"dim": dim, "gallery": n, "method": "all", "skipped": "gallery does not fit in memory"})
+            # the gallery, plus about as much again for exact_search's working copies (its duplicate-row
+            # pass), plus 2 GiB: a 1M x 2048 run was OOM-killed at 23 GB on a machine other jobs shared
+            if 2.5 * gallery_bytes > available_bytes() - 2 * 2**30:
+                rows.append({"dim": dim, "gallery": n, "method": "all",
+                             "skipped": f"gallery ({gallery_bytes / 2**30:.1f} GiB) and exact_search's working "
+                                        f"copies do not fit in the {available_bytes() / 2**30:.1f} GiB available"})
+                print(f"[scale] d={dim} n={n}: skipped ({rows[-1]['skipped']})", flush=True)
                 continue
             t0 = time.perf_counter()
             gallery, queries = identity_gallery(n, dim, num_q, seed=n + dim)
@@ -634,6 +639,8 @@ def main(argv=None) -> int:
                         help="where our side runs (auto: cuda when torch sees a GPU)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     parser.add_argument("--cases", default="sysu,search,rerank", help="comma-separated subset of " + ",".join(CASES))
+    parser.add_argument("--scale-dims", default=",".join(map(str, SCALE_DIMS)),
+                        help="scale case: comma-separated dimensions (default 2048,128)")
     parser.add_argument("--ref-trials", type=int, default=None,
                         help="trials per SYSU setting on which the slow reference is timed (default 1; scaled)")
     parser.add_argument("--dtype", choices=("float64", "float32"), default="float64",

@@ -242,14 +242,14 @@ def test_ivfpq_kind_recall_save_load_and_faiss_file(tmp_path):
     again = GalleryIndex.load(tmp_path / "pq.npz")
     assert again.pq_m == 8 and np.array_equal(again.search(q, 10).ids, found)
     # FAISS's own file, read back and wrapped: the same answers
-    faiss = import_faiss()
-    faiss.write_index(index.faiss_index, str(tmp_path / "pq.faiss"))
-    wrapped = GalleryIndex.from_faiss(faiss.read_index(str(tmp_path / "pq.faiss")), "ivfpq", pids=np.arange(3000) % 7,
+    fa = import_faiss()
+    fa.write_index(index.faiss_index, str(tmp_path / "pq.faiss"))
+    wrapped = GalleryIndex.from_faiss(fa.read_index(str(tmp_path / "pq.faiss")), "ivfpq", pids=np.arange(3000) % 7,
                                       nprobe=16)
     assert np.array_equal(wrapped.search(q, 10).ids, found)
     assert wrapped.metadata(found[:1])[0].tolist() == (found[:1] % 7).tolist()
     with pytest.raises(ValueError, match="expected a FAISS IndexHNSWFlat"):
-        GalleryIndex.from_faiss(faiss.read_index(str(tmp_path / "pq.faiss")), "hnsw")
+        GalleryIndex.from_faiss(fa.read_index(str(tmp_path / "pq.faiss")), "hnsw")
 
 
 @needs_faiss
@@ -258,7 +258,7 @@ def test_from_faiss_wraps_an_id_map_index_and_checks_its_ids(tmp_path, kind):
     db, q = clustered(200, seed=11), clustered(5, seed=12)
     index = GalleryIndex(16, kind, backend="faiss", device="cpu")
     index.add(db)
-    faiss = import_faiss()
+    fa = import_faiss()
     wrapped = GalleryIndex.from_faiss(index.faiss_index, kind, paths=[f"p{i}" for i in range(200)])
     result = wrapped.search(q, 3)
     assert np.array_equal(result.ids, index.search(q, 3).ids)
@@ -267,12 +267,12 @@ def test_from_faiss_wraps_an_id_map_index_and_checks_its_ids(tmp_path, kind):
     with pytest.raises(ValueError, match="ids are not 0..198"):
         GalleryIndex.from_faiss(index.faiss_index, kind)
     with pytest.raises(ValueError, match="paths"):
-        GalleryIndex.from_faiss(faiss.read_index(_write(faiss, db, tmp_path)), "flat", paths=["a"])
+        GalleryIndex.from_faiss(fa.read_index(_write(fa, db, tmp_path)), "flat", paths=["a"])
 
 
-def _write(faiss, db, tmp_path):
+def _write(fa, db, tmp_path):
     index = GalleryIndex(16, "flat", backend="faiss")
     index.add(db)
     path = str(tmp_path / "flat.faiss")
-    faiss.write_index(index.faiss_index, path)
+    fa.write_index(index.faiss_index, path)
     return path

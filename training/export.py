@@ -93,7 +93,8 @@ def export_onnx(extractor: FeatureExtractor, example: torch.Tensor, modality: st
 
     def write(tmp: str) -> None:
         with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice: it is the one that needs no onnxscript
+            # the legacy exporter's deprecation notice: it is the exporter that needs no onnxscript
+            warnings.simplefilter("ignore")
             torch.onnx.export(extractor, (example,), tmp, input_names=["images"], output_names=["features"],
                               dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}}, dynamo=False)
         model = onnx.load(tmp)

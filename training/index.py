@@ -185,7 +185,7 @@ def run(args) -> int:
     manifest["state"] = "complete"
     gallery.write_manifest(args.out, manifest)
     print(f"{args.out}: {features.shape[0]} images, {features.shape[1]}-d, {kind} index ({backend}) built in "
-          f"{time.time() - start:.1f}s" + ("" if wanted else f" (chosen for this size; --index-kind overrides)"))
+          f"{time.time() - start:.1f}s" + ("" if wanted else " (chosen for this size; --index-kind overrides)"))
     return 0
 
 

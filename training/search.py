@@ -233,7 +233,8 @@ def print_ranking(result: dict) -> None:
     print(f"query {result['query']} ({result['modality']}{pid})")
     for r in result["results"]:
         mark = {True: "match", False: "other", None: ""}[r["match"]]
-        print(f"  {r['rank']:3d}  {r['distance']:.4f}  cam {r['camera']:<3d} {r['modality']:<8s} {mark:5s}  {r['path']}")
+        print(f"  {r['rank']:3d}  {r['distance']:.4f}  cam {r['camera']:<3d} {r['modality']:<8s} {mark:5s}  "
+              f"{r['path']}")
 
 
 def build_parser():
@@ -250,7 +251,8 @@ def build_parser():
     parser.add_argument("--figure", default=None, metavar="OUT.png", help="draw the ranked lists")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --json / --figure file")
     parser.add_argument("--nprobe", type=int, default=None,
-                        help="IVF / IVF-PQ lists visited per query (default: the index's); more = better recall, slower")
+                        help="IVF / IVF-PQ lists visited per query (default: the index's); more = better "
+                             "recall, slower")
     parser.add_argument("--ef-search", type=int, default=None,
                         help="HNSW search beam (default: the index's); more = better recall, slower")
     parser.add_argument("--query-modality", choices=gallery.MODALITIES, default=None)
