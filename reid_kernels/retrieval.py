@@ -521,7 +521,8 @@ class GalleryIndex:
             raise ValueError(f"kind: expected one of {INDEX_KINDS}, got {kind!r}")
         base = faiss.downcast_index(getattr(loaded, "index", loaded))
         if not type(base).__name__.startswith(_FAISS_KINDS[kind]):
-            raise ValueError(f"{name}: expected a FAISS {_FAISS_KINDS[kind]} (kind {kind!r}), got {type(base).__name__}")
+            raise ValueError(f"{name}: expected a FAISS {_FAISS_KINDS[kind]} (kind {kind!r}), got "
+                             f"{type(base).__name__}")
         pq_m = base.pq.M if kind == "ivfpq" else None
         index = cls(loaded.d, kind, backend="faiss", device=device, nlist=getattr(base, "nlist", None),
                     nprobe=nprobe, ef_search=ef_search, pq_m=pq_m)
