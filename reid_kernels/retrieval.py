@@ -64,7 +64,8 @@ def default_pq_m(dim: int) -> int:
     """IVF-PQ's default sub-quantiser count: the largest divisor of ``dim`` not above ``dim / 16``
     (sub-vectors of at least 16 dimensions, one byte each: 2048-d -> 128 bytes, 64x smaller than
     float32; 128-d -> 8 bytes), at least 1. Shorter sub-vectors train much slower on the CPU
-    (measured at 10k x 2048 on one core: 8-d sub-vectors 147 s, 16-d 12 s, 32-d 15 s)."""
+    (IVF-PQ training at 10k x 2048, one thread on a shared 2-core machine: 8-d sub-vectors 147 s
+    inside a benchmark run; 16-d 12 s and 32-d 15 s measured alone)."""
     dim = check_int("dim", dim, 1)
     for m in range(max(1, dim // 16), 0, -1):
         if dim % m == 0:
