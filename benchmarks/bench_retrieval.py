@@ -10,6 +10,13 @@ Cases
           and scaled to all trials (it takes minutes per setting).
   search  Exact top-k search throughput (torch, FAISS flat) and FAISS IVF / HNSW recall@10
           vs speed on a clustered gallery (CPU: 100k x 2048, 10k queries; GPU: 1M x 2048).
+  scale   Gallery size 10k -> 1M at d = 2048 (ResNet-50's) and d = 128 (the synthetic model's):
+          build time, memory, queries/s and recall@1/@10 against exact search, for
+          reid_kernels.exact_search, FAISS flat, IVF-Flat, IVF-PQ and HNSW in one run, on a
+          Gaussian-mixture gallery (identities x 10 images, L2-normalised), with the index
+          parameters `python -m training.index` uses. A step whose time (extrapolated from the
+          sizes measured so far on a log-log line) or memory would pass the caps is skipped and
+          said so in the JSON; a PNG is drawn next to the JSON (benchmarks/results/retrieval_scale_cpu.png).
   rerank  k-reciprocal re-ranking (kNN-graph version vs the dense classic algorithm) and
           AIM (dense vs kNN) at a 3k gallery; kNN versions alone at a 50k gallery (2048-d on
           a GPU, 256-d on a CPU).
@@ -20,6 +27,7 @@ Usage
   python benchmarks/bench_retrieval.py --json out.json         # everything, JSON results
   python benchmarks/bench_retrieval.py --device cuda --json out.json   # on a GPU (torch search if no faiss)
   python benchmarks/bench_retrieval.py --smoke                 # tiny sizes: the code paths only, seconds
+  nice -n 10 python benchmarks/bench_retrieval.py --cases scale --json benchmarks/results/retrieval_scale_cpu.json
 
 --device auto (the default) takes the GPU when torch sees one.  On CUDA each timed row also
 reports peak_bytes: torch.cuda.max_memory_allocated() during the call above what was allocated
@@ -366,7 +374,261 @@ def case_rerank(args) -> List[Dict[str, object]]:
     return [{"case": "rerank", **r} for r in rows]
 
 
-CASES = {"sysu": case_sysu, "search": case_search, "rerank": case_rerank}
+# ----------------------------------------------------------------------------- scale case
+SCALE_SIZES = (10_000, 30_000, 100_000, 300_000, 1_000_000)
+SCALE_DIMS = (2048, 128)
+SCALE_QUERIES = 200
+IMAGES_PER_ID = 10
+SCALE_STEP_CAP_S = 150.0     # a build or search predicted to take longer is skipped (and said so)
+SCALE_RUN_CAP_S = 22 * 60.0  # the whole case stops starting steps after this
+SCALE_MEMORY_CAP = 6 * 2**30  # an index predicted to need more than this (beside the gallery) is skipped
+SCALE_KNOBS = {"ivf": (4, 16, 64, 256), "ivfpq": (4, 16, 64, 256), "hnsw": (16, 64, 256)}
+
+
+def identity_gallery(n: int, dim: int, num_queries: int, seed: int, noise: float = 1.0):
+    """(gallery, queries, gallery identity of each query): ``n // IMAGES_PER_ID`` identities of
+    IMAGES_PER_ID images each, image = centre + noise * N(0, I) / sqrt(dim) with centres N(0, I) / sqrt(dim),
+    L2-normalised (images of one identity have cosine ~ 1 / (1 + noise^2) = 0.5, of two ~ 0).
+    Each query is a new image of a random gallery identity. Drawn in chunks into one float32 array."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = max(1, n // IMAGES_PER_ID)
+    centres = torch.randn(ids, dim, generator=gen) / dim ** 0.5
+    gallery = torch.empty(n, dim)
+    for start in range(0, n, 65536):
+        stop = min(n, start + 65536)
+        rows = torch.arange(start, stop) % ids
+        chunk = centres[rows] + noise * torch.randn(stop - start, dim, generator=gen) / dim ** 0.5
+        gallery[start:stop] = torch.nn.functional.normalize(chunk, dim=1)
+    query_ids = torch.randint(0, ids, (num_queries,), generator=gen)
+    queries = torch.nn.functional.normalize(
+        centres[query_ids] + noise * torch.randn(num_queries, dim, generator=gen) / dim ** 0.5, dim=1)
+    return gallery, queries
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def available_bytes() -> int:
+    with open("/proc/meminfo") as handle:
+        for line in handle:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _trim() -> None:
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def predicted(history: Dict[str, List], key: str, n: int):
+    """Extrapolation of ``key`` to gallery size ``n`` from the sizes measured so far: the log-log line
+    through the last two points (linear in n from one point); None without any."""
+    points = [(size, value) for size, value in history.get(key, []) if value and value > 0]
+    if not points:
+        return None
+    if len(points) == 1:
+        size, value = points[0]
+        return value * n / size
+    (n0, v0), (n1, v1) = points[-2:]
+    slope = np.log(v1 / v0) / np.log(n1 / n0)
+    return v1 * (n / n1) ** max(slope, 1.0 if key.endswith("build_s") else 0.0)
+
+
+def loglog_slope(sizes, values):
+    """Least-squares slope of log(value) against log(size); None with fewer than two points."""
+    pairs = [(s, v) for s, v in zip(sizes, values) if v is not None and v > 0]
+    if len(pairs) < 2:
+        return None
+    x, y = np.log([p[0] for p in pairs]), np.log([p[1] for p in pairs])
+    return float(np.polyfit(x, y, 1)[0])
+
+
+def _recall(found: np.ndarray, truth: np.ndarray):
+    """(recall@1, recall@10) of ``found`` against the exact top-10 ``truth``."""
+    r1 = float(np.mean(found[:, 0] == truth[:, 0]))
+    r10 = float(np.mean([len(set(a[:10]) & set(b[:10])) / 10 for a, b in zip(found, truth)]))
+    return r1, r10
+
+
+def case_scale(args) -> List[Dict[str, object]]:
+    import faiss  # noqa: F401  (the scale case measures FAISS: fail before generating galleries)
+
+    from reid_kernels.retrieval import GalleryIndex
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from training.gallery import index_parameters  # the index command's own parameters
+
+    sizes, dims, num_q = SCALE_SIZES, tuple(int(d) for d in args.scale_dims.split(",")), SCALE_QUERIES
+    step_cap, run_cap = SCALE_STEP_CAP_S, SCALE_RUN_CAP_S
+    if args.smoke or args.quick:
+        sizes, dims, num_q, step_cap = (2000, 6000), (64,), 50, 30.0
+    start_all = time.perf_counter()
+    rows: List[Dict[str, object]] = []
+    for dim in dims:
+        history: Dict[str, List] = {}
+        for n in sizes:
+            gallery_bytes = n * dim * 4
+            # the gallery, plus about as much again for exact_search's working copies (its duplicate-row
+            # pass), plus 2 GiB: a 1M x 2048 run was OOM-killed at 23 GB on a machine other jobs shared
+            if 2.5 * gallery_bytes > available_bytes() - 2 * 2**30:
+                rows.append({"dim": dim, "gallery": n, "method": "all",
+                             "skipped": f"gallery ({gallery_bytes / 2**30:.1f} GiB) and exact_search's working "
+                                        f"copies do not fit in the {available_bytes() / 2**30:.1f} GiB available"})
+                print(f"[scale] d={dim} n={n}: skipped ({rows[-1]['skipped']})", flush=True)
+                continue
+            t0 = time.perf_counter()
+            gallery, queries = identity_gallery(n, dim, num_q, seed=n + dim)
+            gen_s = time.perf_counter() - t0
+            g_np, q_np = gallery.numpy(), queries.numpy()
+            exact_s, (_, truth) = timed(lambda: exact_search(queries, gallery, 10))
+            truth = truth.numpy()
+            rows.append({"dim": dim, "gallery": n, "method": "exact_search", "knob": None, "build_s": 0.0,
+                         "index_bytes": gallery_bytes, "search_s": exact_s, "qps": num_q / exact_s,
+                         "recall@1": 1.0, "recall@10": 1.0, "generate_s": gen_s})
+            history.setdefault("exact_search search_s", []).append((n, exact_s))
+            print(f"[scale] d={dim} n={n}: generated in {gen_s:.1f}s, exact_search {num_q / exact_s:.0f} q/s",
+                  flush=True)
+            for kind in ("flat", "ivf", "ivfpq", "hnsw"):
+                method = {"flat": "faiss flat", "ivf": "faiss IVF-Flat", "ivfpq": "faiss IVF-PQ",
+                          "hnsw": "faiss HNSW"}[kind]
+                params = index_parameters(kind, n, dim)
+                why = None
+                if time.perf_counter() - start_all > run_cap:
+                    why = f"the run's time cap ({run_cap:.0f} s) was reached"
+                guess_s = predicted(history, f"{method} build_s", n)
+                if why is None and guess_s is not None and guess_s > step_cap:
+                    why = f"build predicted to take {guess_s:.0f} s (> {step_cap:.0f} s cap), from the measured slope"
+                guess_b = predicted(history, f"{method} index_bytes", n)
+                if why is None and guess_b is not None and (guess_b > SCALE_MEMORY_CAP or
+                                                            guess_b > available_bytes() - 2 * 2**30):
+                    why = f"index predicted to need {guess_b / 2**30:.1f} GiB beside the gallery (cap " \
+                          f"{SCALE_MEMORY_CAP / 2**30:.0f} GiB)"
+                if why is not None:
+                    rows.append({"dim": dim, "gallery": n, "method": method, "skipped": why,
+                                 "predicted_build_s": guess_s, "predicted_index_bytes": guess_b})
+                    print(f"[scale] d={dim} n={n} {method}: skipped ({why})", flush=True)
+                    continue
+                _trim()
+                before = rss_bytes()
+                index = GalleryIndex(dim, kind, backend="faiss", device="cpu", normalize=False,
+                                     **{k: v for k, v in params.items() if k not in ("train_size",)})
+                t0 = time.perf_counter()
+                if kind in ("ivf", "ivfpq"):
+                    sample = g_np[np.random.default_rng(0).choice(n, min(n, params["train_size"]), replace=False)]
+                    index.train(sample)
+                    del sample
+                index.add(g_np)
+                build_s = time.perf_counter() - t0
+                _trim()
+                index_bytes = max(rss_bytes() - before, 0)
+                history.setdefault(f"{method} build_s", []).append((n, build_s))
+                history.setdefault(f"{method} index_bytes", []).append((n, index_bytes))
+                knobs = SCALE_KNOBS.get(kind, (None,))
+                for knob in knobs:
+                    if kind in ("ivf", "ivfpq"):
+                        index.nprobe = min(knob, params["nlist"])
+                    elif kind == "hnsw":
+                        index.ef_search = knob
+                    search_s, result = timed(lambda: index.search(q_np, 10))
+                    r1, r10 = _recall(result.ids, truth)
+                    rows.append({"dim": dim, "gallery": n, "method": method, "knob": knob,
+                                 "build_s": build_s, "index_bytes": index_bytes, "search_s": search_s,
+                                 "qps": num_q / search_s, "recall@1": r1, "recall@10": r10,
+                                 "params": {k: v for k, v in params.items()}})
+                    print(f"[scale] d={dim} n={n} {method} knob={knob}: build {build_s:.1f}s, "
+                          f"{index_bytes / 2**20:.0f} MiB, {num_q / search_s:.0f} q/s, R@1 {r1:.3f} R@10 {r10:.3f}",
+                          flush=True)
+                del index
+            del gallery, queries, g_np, q_np
+            _trim()
+    summary = scale_summary(rows)
+    print_table("Scale: log-log slope of each cost against the gallery size", summary)
+    return [{"case": "scale", "queries": num_q, **r} for r in rows] + \
+        [{"case": "scale_slopes", **r} for r in summary]
+
+
+def scale_summary(rows) -> List[Dict[str, object]]:
+    """Per (dim, method): the log-log slopes of build time, memory and time per query against n
+    (the search slope at the default knob: the middle one)."""
+    out = []
+    measured = [r for r in rows if "skipped" not in r]
+    for dim in sorted({r["dim"] for r in measured}, reverse=True):
+        for method in dict.fromkeys(r["method"] for r in measured if r["dim"] == dim):
+            mine = [r for r in measured if r["dim"] == dim and r["method"] == method]
+            knobs = list(dict.fromkeys(r["knob"] for r in mine))
+            middle = knobs[len(knobs) // 2]
+            pick = [r for r in mine if r["knob"] == middle]
+            sizes = [r["gallery"] for r in pick]
+            out.append({"dim": dim, "method": method, "knob": middle, "sizes": f"{min(sizes)}-{max(sizes)}",
+                        "build_slope": loglog_slope(sizes, [r["build_s"] for r in pick]),
+                        "memory_slope": loglog_slope(sizes, [r["index_bytes"] for r in pick]),
+                        "query_time_slope": loglog_slope(sizes, [r["search_s"] for r in pick])})
+    return out
+
+
+def draw_scale_figure(rows, path: str) -> str:
+    """Recall@10 against queries/s (largest size measured for every method), and build time,
+    memory and time per query against the gallery size (log-log), for each dimension."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measured = [r for r in rows if r.get("case") == "scale" and "skipped" not in r]
+    dims = sorted({r["dim"] for r in measured}, reverse=True)
+    fig, axes = plt.subplots(len(dims), 4, figsize=(20, 4.6 * len(dims)), squeeze=False)
+    colours = {"exact_search": "black", "faiss flat": "grey", "faiss IVF-Flat": "tab:blue",
+               "faiss IVF-PQ": "tab:orange", "faiss HNSW": "tab:green"}
+    for row_axes, dim in zip(axes, dims):
+        mine = [r for r in measured if r["dim"] == dim]
+        for method, colour in colours.items():
+            rs = [r for r in mine if r["method"] == method]
+            if not rs:
+                continue
+            largest = max(r["gallery"] for r in rs)
+            pts = sorted((r for r in rs if r["gallery"] == largest), key=lambda r: r["qps"])
+            row_axes[0].plot([r["qps"] for r in pts], [r["recall@10"] for r in pts], "o-", color=colour,
+                             label=f"{method} (n={largest:,})")
+            knobs = list(dict.fromkeys(r["knob"] for r in rs))
+            middle = knobs[len(knobs) // 2]
+            line = sorted((r for r in rs if r["knob"] == middle), key=lambda r: r["gallery"])
+            n = [r["gallery"] for r in line]
+            label = method if middle is None else f"{method} ({middle})"
+            if method != "exact_search":
+                row_axes[1].loglog(n, [max(r["build_s"], 1e-4) for r in line], "o-", color=colour, label=label)
+            row_axes[2].loglog(n, [max(r["index_bytes"], 1) / 2**20 for r in line], "o-", color=colour, label=label)
+            row_axes[3].loglog(n, [1e3 * r["search_s"] / r["queries"] for r in line], "o-", color=colour,
+                               label=label)
+        titles = (f"d={dim}: recall@10 vs queries/s (largest n measured)", f"d={dim}: build time (s)",
+                  f"d={dim}: memory (MiB)", f"d={dim}: time per query (ms, batch of queries)")
+        for ax, title in zip(row_axes, titles):
+            ax.set_title(title, fontsize=10)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+        row_axes[0].set_xscale("log")
+        row_axes[0].set_xlabel("queries/s")
+        row_axes[0].set_ylabel("recall@10 vs exact")
+        for ax in row_axes[1:]:
+            ax.set_xlabel("gallery size n")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+CASES = {"sysu": case_sysu, "search": case_search, "rerank": case_rerank, "scale": case_scale}
 
 
 def main(argv=None) -> int:
@@ -377,6 +639,8 @@ def main(argv=None) -> int:
                         help="where our side runs (auto: cuda when torch sees a GPU)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     parser.add_argument("--cases", default="sysu,search,rerank", help="comma-separated subset of " + ",".join(CASES))
+    parser.add_argument("--scale-dims", default=",".join(map(str, SCALE_DIMS)),
+                        help="scale case: comma-separated dimensions (default 2048,128)")
     parser.add_argument("--ref-trials", type=int, default=None,
                         help="trials per SYSU setting on which the slow reference is timed (default 1; scaled)")
     parser.add_argument("--dtype", choices=("float64", "float32"), default="float64",
@@ -419,6 +683,8 @@ def main(argv=None) -> int:
             write_json(args.json, {**meta, "results": results, "cases_done": chosen[: chosen.index(name) + 1]})
     if args.json:
         print(f"\nwrote {args.json}")
+        if "scale" in chosen:
+            print(f"wrote {draw_scale_figure(results, os.path.splitext(args.json)[0] + '.png')}")
     return 0
 
 

@@ -5,8 +5,9 @@
   wherever the tensors are (CPU or CUDA), no FAISS needed.
 * :class:`GalleryIndex` -- an index over L2-normalised embeddings (inner product =
   cosine similarity) with person ids, cameras and paths attached to every vector.
-  Kinds: ``"flat"`` (exact), ``"ivf"`` (inverted lists; knob ``nprobe``), ``"hnsw"``
-  (graph, CPU; knob ``ef_search``). Backends: ``"faiss"`` (``pip install faiss-cpu``;
+  Kinds: ``"flat"`` (exact), ``"ivf"`` (inverted lists; knob ``nprobe``), ``"ivfpq"``
+  (inverted lists of product-quantised codes, ``pq_m`` bytes per vector; knob ``nprobe``),
+  ``"hnsw"`` (graph, CPU; knob ``ef_search``). Backends: ``"faiss"`` (``pip install faiss-cpu``;
   ``faiss-gpu`` for GPU -- used for flat/IVF when a GPU build and CUDA are present) or
   ``"torch"`` (flat only, exact, CPU or CUDA). ``backend="auto"`` picks FAISS when it
   imports, torch otherwise (flat).
@@ -30,10 +31,12 @@ import torch
 from ._ties import expand_copies, identical_rows, stable_smallest
 from ._validate import check_bool, check_int
 
-__all__ = ["exact_search", "SearchResult", "GalleryIndex", "import_faiss", "faiss_has_gpu"]
+__all__ = ["exact_search", "SearchResult", "GalleryIndex", "import_faiss", "faiss_has_gpu", "default_pq_m"]
 
 FAISS_HINT = "install it with `pip install faiss-cpu` (or `faiss-gpu` for GPU search)"
-INDEX_KINDS = ("flat", "ivf", "hnsw")
+INDEX_KINDS = ("flat", "ivf", "ivfpq", "hnsw")
+IVF_KINDS = ("ivf", "ivfpq")
+PQ_BITS = 8  # 256 centroids per sub-quantiser: one byte per sub-vector
 BACKENDS = ("auto", "faiss", "torch")
 METRICS = ("ip", "l2")
 _FORMAT_VERSION = 1
@@ -55,6 +58,19 @@ def faiss_has_gpu() -> bool:
     except ImportError:
         return False
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def default_pq_m(dim: int) -> int:
+    """IVF-PQ's default sub-quantiser count: the largest divisor of ``dim`` not above ``dim / 16``
+    (sub-vectors of at least 16 dimensions, one byte each: 2048-d -> 128 bytes, 64x smaller than
+    float32; 128-d -> 8 bytes), at least 1. Shorter sub-vectors train much slower on the CPU
+    (IVF-PQ training at 10k x 2048, one thread on a shared 2-core machine: 8-d sub-vectors 147 s
+    inside a benchmark run; 16-d 12 s and 32-d 15 s measured alone)."""
+    dim = check_int("dim", dim, 1)
+    for m in range(max(1, dim // 16), 0, -1):
+        if dim % m == 0:
+            return m
+    return 1
 
 
 def _as_float_matrix(name: str, value, dim: Optional[int] = None) -> torch.Tensor:
@@ -178,13 +194,15 @@ class GalleryIndex:
 
     Args:
         dim: embedding dimension.
-        kind: ``"flat"`` (exact), ``"ivf"`` or ``"hnsw"``.
+        kind: ``"flat"`` (exact), ``"ivf"``, ``"ivfpq"`` or ``"hnsw"``.
         backend: ``"auto"``, ``"faiss"`` or ``"torch"`` (flat only).
         device: ``"cpu"``, ``"cuda"`` or ``None`` (GPU when FAISS has GPU support /
             for torch when CUDA is available).
         nlist: IVF lists (default ``4 * sqrt(N)`` of the training set, at least 1).
         nprobe: IVF lists visited per query (recall vs speed).
         hnsw_m, ef_construction, ef_search: HNSW graph degree, build and search beams.
+        pq_m: IVF-PQ sub-quantisers (bytes per stored vector; must divide ``dim``; default
+            :func:`default_pq_m`).
         normalize: L2-normalise embeddings and queries (default True, so scores are cosines).
 
     Every added vector gets a unique int64 id (consecutive from 0, never reused) and
@@ -204,6 +222,7 @@ class GalleryIndex:
         ef_construction: int = 200,
         ef_search: int = 64,
         normalize: bool = True,
+        pq_m: Optional[int] = None,
     ):
         dim = check_int("dim", dim, 1)
         if kind not in INDEX_KINDS:
@@ -236,6 +255,11 @@ class GalleryIndex:
             check_int(name, value, 1)
         if nlist is not None:
             nlist = check_int("nlist", nlist, 1)
+        if pq_m is None:
+            pq_m = default_pq_m(dim)
+        pq_m = check_int("pq_m", pq_m, 1)
+        if dim % pq_m:
+            raise ValueError(f"pq_m: expected a divisor of dim={dim} (sub-vectors of equal length), got {pq_m}")
         normalize = check_bool("normalize", normalize)
         self.dim = int(dim)
         self.kind = kind
@@ -247,6 +271,7 @@ class GalleryIndex:
         self.ef_construction = int(ef_construction)
         self._ef_search = int(ef_search)
         self.normalize = bool(normalize)
+        self.pq_m = int(pq_m)
         self._next_id = 0
         self._ids = np.zeros(0, dtype=np.int64)
         self._pids = np.zeros(0, dtype=np.int64)
@@ -282,7 +307,7 @@ class GalleryIndex:
             return
         faiss = import_faiss()
         base = self._base_index()
-        if self.kind == "ivf":
+        if self.kind in IVF_KINDS:
             base.nprobe = self._nprobe
             if self._gpu_index is not None:
                 faiss.GpuParameterSpace().set_index_parameter(self._gpu_index, "nprobe", self._nprobe)
@@ -303,7 +328,7 @@ class GalleryIndex:
     # ---------------------------------------------------------------- building
     @property
     def is_trained(self) -> bool:
-        return self.kind != "ivf" or (self._index is not None and self._index.is_trained)
+        return self.kind not in IVF_KINDS or (self._index is not None and self._index.is_trained)
 
     def __len__(self) -> int:
         return int(self._ids.size)
@@ -322,22 +347,30 @@ class GalleryIndex:
             quantizer = faiss.IndexFlatIP(self.dim)
             base = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
             base.nprobe = self._nprobe
+        elif self.kind == "ivfpq":
+            quantizer = faiss.IndexFlatIP(self.dim)
+            base = faiss.IndexIVFPQ(quantizer, self.dim, nlist, self.pq_m, PQ_BITS, faiss.METRIC_INNER_PRODUCT)
+            base.nprobe = self._nprobe
         else:
             base = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
             base.hnsw.efConstruction = self.ef_construction
             base.hnsw.efSearch = self._ef_search
-        if self.kind == "ivf":
+        if self.kind in IVF_KINDS:
             return base  # IVF stores external ids itself (and IndexIDMap's removal assumes flat renumbering)
         return faiss.IndexIDMap2(base)  # faiss's Python layer keeps `base` referenced
 
     def train(self, embeddings) -> None:
-        """Train the IVF coarse quantiser (no-op for flat/HNSW). Needs at least ``nlist`` vectors."""
-        if self.kind != "ivf":
+        """Train the IVF coarse quantiser (and IVF-PQ's codebooks; no-op for flat/HNSW). Needs at
+        least ``nlist`` vectors (IVF-PQ: also 256, one per centroid of a sub-quantiser)."""
+        if self.kind not in IVF_KINDS:
             return
         x = self._prepare("embeddings", embeddings)
         nlist = self.nlist or max(1, int(4 * np.sqrt(x.shape[0])))
         if x.shape[0] < nlist:
             raise ValueError(f"embeddings: IVF training needs at least nlist={nlist} vectors, got {x.shape[0]}")
+        if self.kind == "ivfpq" and x.shape[0] < 2 ** PQ_BITS:
+            raise ValueError(f"embeddings: IVF-PQ training needs at least {2 ** PQ_BITS} vectors (one per "
+                             f"sub-quantiser centroid), got {x.shape[0]}")
         if len(self):
             raise RuntimeError("train: the index already holds vectors; train before adding")
         self.nlist = nlist
@@ -366,7 +399,7 @@ class GalleryIndex:
             self._vectors = torch.cat([self._vectors.to(device), x.to(device)])
         else:
             if self._index is None:
-                if self.kind == "ivf":
+                if self.kind in IVF_KINDS:
                     self.train(x)
                 else:
                     self._index = self._new_faiss_index()
@@ -470,13 +503,52 @@ class GalleryIndex:
         paths = [self._paths[r] if o else "" for r, o in zip(rows, ok)]
         return pids, camids, paths
 
+    # ---------------------------------------------------------------- FAISS's own file format
+    @property
+    def faiss_index(self):
+        """The CPU FAISS index (ids = this index's ids), for ``faiss.write_index``; None for the
+        torch backend or before the first ``add``."""
+        return self._index
+
+    @classmethod
+    def from_faiss(cls, loaded, kind: str, *, pids=None, camids=None, paths: Optional[Sequence[str]] = None,
+                   nprobe: int = 8, ef_search: int = 64, device: Optional[str] = None,
+                   name: str = "index") -> "GalleryIndex":
+        """A :class:`GalleryIndex` around a FAISS index read with ``faiss.read_index`` (one this
+        class built, ids 0..N-1 in the order of ``pids``/``camids``/``paths``). The index is
+        checked against ``kind`` and the metadata; ``name`` names the file in the errors."""
+        faiss = import_faiss()
+        if kind not in INDEX_KINDS:
+            raise ValueError(f"kind: expected one of {INDEX_KINDS}, got {kind!r}")
+        base = faiss.downcast_index(getattr(loaded, "index", loaded))
+        if not type(base).__name__.startswith(_FAISS_KINDS[kind]):
+            raise ValueError(f"{name}: expected a FAISS {_FAISS_KINDS[kind]} (kind {kind!r}), got "
+                             f"{type(base).__name__}")
+        pq_m = base.pq.M if kind == "ivfpq" else None
+        index = cls(loaded.d, kind, backend="faiss", device=device, nlist=getattr(base, "nlist", None),
+                    nprobe=nprobe, ef_search=ef_search, pq_m=pq_m)
+        n = int(loaded.ntotal)
+        index._ids = np.arange(n, dtype=np.int64)
+        stored = np.sort(_faiss_ids(faiss, loaded, base))
+        if not np.array_equal(stored, index._ids):
+            raise ValueError(f"{name}: its FAISS index holds {n} vectors whose ids are not 0..{n - 1}")
+        index._pids = index._meta_array("pids", pids, n)
+        index._camids = index._meta_array("camids", camids, n)
+        index._paths = list(paths) if paths is not None else [""] * n
+        if len(index._paths) != n:
+            raise ValueError(f"{name}: its FAISS index holds {n} vectors but {len(index._paths)} paths were given")
+        index._next_id = n
+        index._index = loaded
+        index._apply_search_params()
+        return index
+
     # ---------------------------------------------------------------- persistence
     def _config(self) -> dict:
         return {
             "format_version": _FORMAT_VERSION, "dim": self.dim, "kind": self.kind, "backend": self.backend,
             "nlist": self.nlist, "nprobe": self._nprobe, "hnsw_m": self.hnsw_m,
             "ef_construction": self.ef_construction, "ef_search": self._ef_search,
-            "normalize": self.normalize, "next_id": self._next_id,
+            "normalize": self.normalize, "next_id": self._next_id, "pq_m": self.pq_m,
         }
 
     def save(self, path: Union[str, os.PathLike]) -> None:
@@ -528,7 +600,7 @@ class GalleryIndex:
             index = cls(config["dim"], config["kind"], backend=config["backend"], device=device,
                         nlist=config["nlist"], nprobe=config["nprobe"], hnsw_m=config["hnsw_m"],
                         ef_construction=config["ef_construction"], ef_search=config["ef_search"],
-                        normalize=config["normalize"])
+                        normalize=config["normalize"], pq_m=config.get("pq_m"))
         except (TypeError, ValueError) as error:
             raise ValueError(f"path: {path!r} is not a valid GalleryIndex file: its config is invalid ({error})") \
                 from error
@@ -614,7 +686,7 @@ def _saved_vectors(path: str, arrays: dict, n: int, dim: int) -> torch.Tensor:
     return torch.from_numpy(vectors.copy())
 
 
-_FAISS_KINDS = {"flat": "IndexFlat", "ivf": "IndexIVFFlat", "hnsw": "IndexHNSWFlat"}
+_FAISS_KINDS = {"flat": "IndexFlat", "ivf": "IndexIVFFlat", "ivfpq": "IndexIVFPQ", "hnsw": "IndexHNSWFlat"}
 
 
 def _saved_faiss_index(path: str, blob: np.ndarray, index: "GalleryIndex"):
