@@ -16,6 +16,7 @@ came), flatten the maps and reshape the results.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -289,6 +290,67 @@ class _PartnerReconstructions(torch.autograd.Function):
         return grad_x, None, None, None, None
 
 
+CPU_PATH_ENV = "REID_KERNELS_CMALIGN_CPU_PATH"
+CPU_PATHS = ("fused", "per-partner")
+
+
+@torch.compiler.assume_constant_result
+def _cpu_path() -> str:
+    """Which CPU implementation :func:`cmalign` uses when the probabilities fit the cache:
+    ``fused`` (default: :class:`_FusedPartnerReconstructions`) or ``per-partner`` (two
+    soft_warp calls, :class:`_PartnerReconstructions`), from ``REID_KERNELS_CMALIGN_CPU_PATH``
+    (read at every call, so tests and benchmarks can reach both)."""
+    path = os.environ.get(CPU_PATH_ENV, "") or "fused"
+    if path not in CPU_PATHS:
+        raise ValueError(f"{CPU_PATH_ENV}: expected one of {', '.join(CPU_PATHS)}, got {path!r}")
+    return path
+
+
+def _use_fused_pairs(x: torch.Tensor) -> bool:
+    """The fused CPU kernel runs where soft_warp_fwd would cache the probabilities (so the memory
+    rule, csrc/cmalign/soft_warp_common.h's cap per partner, is the same) and the maps hold numbers."""
+    return (x.device.type == "cpu" and x.numel() > 0 and _soft_warp_probs_shape(x, x) != (0,)
+            and _cpu_path() == "fused")
+
+
+class _FusedPartnerReconstructions(torch.autograd.Function):
+    """What :class:`_PartnerReconstructions` computes, on the CPU in two fused operators
+    (reid_kernels::cmalign_pairs_fwd / _bwd, csrc/cmalign/soft_warp_cpu.cpp): the partners are
+    read through the indices instead of gathered, each sample's norms are computed once, the
+    blend of eq. 3 runs inside the warp, and the backward accumulates every partner gradient in
+    the kernel (no index_add_, no per-partner (N, C, L) buffers)."""
+
+    @staticmethod
+    def forward(ctx, x, mask, pos_idx, neg_idx, temperature):
+        recon_pos, recon_neg, warped_mask, probs = torch.ops.reid_kernels.cmalign_pairs_fwd(
+            x, mask, pos_idx, neg_idx, temperature
+        )
+        ctx.save_for_backward(x, mask, pos_idx, neg_idx, probs)
+        ctx.temperature = temperature
+        ctx.mark_non_differentiable(warped_mask)
+        return recon_pos, recon_neg, warped_mask
+
+    @staticmethod
+    def backward(ctx, grad_pos, grad_neg, grad_mask):
+        if not torch.is_grad_enabled():
+            return _FusedPartnerReconstructions.first_order_backward(ctx, grad_pos, grad_neg)
+        with torch.no_grad():  # as _PartnerReconstructions.backward
+            grads = _FusedPartnerReconstructions.first_order_backward(ctx, grad_pos, grad_neg)
+        upstream = [g for g in (grad_pos, grad_neg) if g is not None and g.requires_grad]
+        grad_x = _RefuseDoubleBackward.apply(grads[0], *upstream) if upstream else grads[0]
+        return (grad_x, *grads[1:])
+
+    @staticmethod
+    def first_order_backward(ctx, grad_pos, grad_neg):
+        x, mask, pos_idx, neg_idx, probs = ctx.saved_tensors
+        grad_pos = torch.zeros_like(x) if grad_pos is None else grad_pos.contiguous()
+        grad_neg = torch.zeros_like(x) if grad_neg is None else grad_neg.contiguous()
+        grad_x = torch.ops.reid_kernels.cmalign_pairs_bwd(
+            grad_pos, grad_neg, x, mask, pos_idx, neg_idx, probs, ctx.temperature
+        )
+        return grad_x, None, None, None, None
+
+
 def cmalign(
     feat: torch.Tensor,
     pos_idx: torch.Tensor,
@@ -344,7 +406,12 @@ def cmalign(
     mask = torch.ops.reid_kernels.person_mask(x.detach())  # eqs. 5-7, (N, L)
 
     # eqs. 1-4 for both partners, plus the positive partner's warped mask
-    recon_pos, recon_neg, warped_mask = _PartnerReconstructions.apply(x, mask, pos_idx, neg_idx, temperature)
+    if _use_fused_pairs(x):
+        recon_pos, recon_neg, warped_mask = _FusedPartnerReconstructions.apply(
+            x, mask, pos_idx.contiguous(), neg_idx.contiguous(), temperature
+        )
+    else:
+        recon_pos, recon_neg, warped_mask = _PartnerReconstructions.apply(x, mask, pos_idx, neg_idx, temperature)
     comask = _minmax_per_sample(mask * warped_mask)  # eq. 9, detached
 
     maps = (n, c, h, w)
