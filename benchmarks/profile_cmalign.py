@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
-from bench_cmalign import Case, make_inputs, step_fn, machine_peak  # noqa: E402
+from bench_cmalign import Case, describe_machine, machine_peak, make_inputs, step_fn  # noqa: E402
 
 import reid_kernels  # noqa: E402
 
@@ -140,7 +140,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    env = _common.environment(torch.device("cpu"))
+    env = describe_machine(_common.environment(torch.device("cpu")))
     peak = machine_peak()
     results = []
     for case in cases:  # paths interleaved per case, so both see the same machine load

@@ -271,6 +271,7 @@ void forward_sample(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_warp_fwd_cpu(const at::Tensor& query, const at::Tensor& key,
                                                                  const at::Tensor& value, double temperature) {
   const Dims d = check_inputs(query, key, value, temperature);
+  phase::begin_call();
   if (is_reduced_float(query)) {  // compute in float32, return in the input dtype
     const double t = REID_MUTANT(5) ? temperature * 1.01 : temperature;
     auto [out, lse, probs] = soft_warp_fwd_cpu(query.to(at::kFloat), key.to(at::kFloat), value.to(at::kFloat), t);
@@ -542,8 +543,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_warp_bwd_cpu(const at::Tenso
 // two gathered (N, C, L) copies of the partners, norms computed four times per anchor, and in the
 // backward five more (N, C, L) buffers (partner gradients, scattered with index_add_) plus
 // element-wise passes over them in Python.  Here the partners are read in place through the
-// indices, each sample's norms are computed once, the blend runs on each channel block of the warp
-// right after its matrix product (while it is in L2), and the backward runs in two phases:
+// indices, each sample's norms are computed once, the blend of eq. 3 rides in the warp's matrix
+// product (x_i diag(1 - m) + x_j (diag(m) P)^T), and the backward runs in two phases:
 //   1. per anchor i: dP = (g * m_i)^T x_j and G (the softmax backward) for both partners j,
 //      grad_x[i] = normalisation backward of sum_j x_j G^T, plus the blend's direct term;
 //   2. per sample j: every (anchor, partner) pair that used x[j] as key and value adds
@@ -553,12 +554,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_warp_bwd_cpu(const at::Tenso
 // forward and four in the backward per (anchor, partner); the probabilities of both partners
 // are kept, (2, N, L, L), the same bytes as the two soft_warp caches.
 
-// Rows of a channel block of the fused warp + blend: the block of the warp, of the anchor and of
-// the partner together take about kBlendBlockBytes (L2 is 512 KiB - 2 MiB per core on current x86).
-constexpr int64_t kBlendBlockBytes = 384 << 10;
-
-int64_t blend_block_rows(int64_t C, int64_t L, int64_t elem) {
-  return std::min(C, std::max<int64_t>(8, kBlendBlockBytes / std::max<int64_t>(1, 3 * L * elem)));
+// out[p, l] = w[p] * m[p, l] over a (rows, cols) matrix.
+template <typename T>
+void scale_rows(const T* m, const T* w, int64_t rows, int64_t cols, T* out) {
+  for (int64_t p = 0; p < rows; ++p)
+    for (int64_t l = 0; l < cols; ++l) out[p * cols + l] = w[p] * m[p * cols + l];
 }
 
 // The partner indices as int64 values in [0, N) (the Python wrapper checks first).
@@ -595,25 +595,20 @@ void all_inverse_norms(const T* x, int64_t N, int64_t C, int64_t L, T* inv, T* r
   });
 }
 
-// out = x_i + m_i * (x_j P^T - x_i) (eqs. 4 and 3), block of channels by block of channels: each
-// block of the warp is blended while it is still in cache.
+// out = x_i + m_i * (x_j P^T - x_i) (eqs. 4 and 3), as x_i diag(1 - m_i) + x_j (diag(m_i) P)^T: one
+// streaming pass writes the first term and the matrix product adds the second (beta = 1), so the
+// blend costs no pass over the warp.  `weighted` is an (L, L) scratch for diag(m_i) P.
 template <typename T>
-void warp_and_blend(const at::Tensor& xi, const at::Tensor& xj, const at::Tensor& prob, const T* m, at::Tensor out) {
+void warp_and_blend(const at::Tensor& xi, const at::Tensor& xj, const at::Tensor& prob, const T* m, at::Tensor& out,
+                    at::Tensor& weighted) {
   const int64_t C = xi.size(0), L = xi.size(1);
-  const int64_t rows = blend_block_rows(C, L, sizeof(T));
-  const at::Tensor prob_t = prob.t();
-  for (int64_t c0 = 0; c0 < C; c0 += rows) {
-    const int64_t cb = std::min(rows, C - c0);
-    at::Tensor blk = out.narrow(0, c0, cb);
-    at::mm_out(blk, xj.narrow(0, c0, cb), prob_t);
-    T* w = blk.mutable_data_ptr<T>();
-    const T* a = xi.const_data_ptr<T>() + c0 * L;
-    parallel_over(cb, L, [&](int64_t c) {
-      T* wr = w + c * L;
-      const T* ar = a + c * L;
-      for (int64_t l = 0; l < L; ++l) wr[l] = ar[l] + m[l] * (wr[l] - ar[l]);
-    });
-  }
+  const T* a = xi.const_data_ptr<T>();
+  T* o = out.mutable_data_ptr<T>();
+  parallel_over(C, L, [&](int64_t c) {
+    for (int64_t l = 0; l < L; ++l) o[c * L + l] = (T(1) - m[l]) * a[c * L + l];
+  });
+  scale_rows(prob.const_data_ptr<T>(), m, L, L, weighted.mutable_data_ptr<T>());
+  out.addmm_(xj, weighted.t());
 }
 
 // wm[p] = sum_l P[p, l] mask_j[l]: eq. 4 applied to the partner's mask (eq. 9's W(M)).
@@ -637,6 +632,7 @@ void pairs_forward(const at::Tensor& x, const at::Tensor& mask, const int64_t* c
   all_inverse_norms(x.const_data_ptr<T>(), N, C, L, inv.mutable_data_ptr<T>(), static_cast<T*>(nullptr));
   for_each_sample(N, [&](int64_t i) {
     const at::Tensor xi = x.select(0, i);
+    at::Tensor weighted = at::empty({L, L}, x.options());
     for (int part = 0; part < 2; ++part) {
       const int64_t j = partner[part][i];
       const at::Tensor xj = x.select(0, j);
@@ -647,7 +643,10 @@ void pairs_forward(const at::Tensor& x, const at::Tensor& mask, const int64_t* c
         softmax_rows(prob, prob, t, static_cast<float*>(nullptr));  // eq. 2
         if (part == 0) warp_mask(prob.const_data_ptr<T>(), m + j * L, L, warped_mask.mutable_data_ptr<T>() + i * L);
       });
-      timed(phase::kWarp, 2 * C * L * L, [&] { warp_and_blend(xi, xj, prob, m + i * L, recon[part].select(0, i)); });
+      timed(phase::kWarp, 2 * C * L * L, [&] {
+        at::Tensor out = recon[part].select(0, i);
+        warp_and_blend(xi, xj, prob, m + i * L, out, weighted);
+      });
     }
   });
 }
@@ -817,10 +816,8 @@ struct PairsBackward {
       for (int64_t e = begin; e < end; ++e) {
         const int64_t i = in.pairs[e] / 2, part = in.pairs[e] % 2;
         // (g * m_i) P = g (diag(m_i) P): the blend weight moved onto the probabilities' rows
-        const T* pr = probs.select(0, part).select(0, i).const_data_ptr<T>();
-        T* w = weighted.mutable_data_ptr<T>();
-        for (int64_t p = 0; p < L; ++p)
-          for (int64_t l = 0; l < L; ++l) w[p * L + l] = m[i * L + p] * pr[p * L + l];
+        scale_rows(probs.select(0, part).select(0, i).const_data_ptr<T>(), m + i * L, L, L,
+                   weighted.mutable_data_ptr<T>());
         gx.addmm_(grad[part]->select(0, i), weighted);
       }
     });
