@@ -387,10 +387,14 @@ def cmalign(
         (eqs. 10-11).  Gradients reach ``feat`` through the similarities, softmax,
         warps and distances, including through the partners; the masks carry none.
 
-    Cost: one :func:`soft_warp` pass per partner, with a fused backward for the
-    gathers and blends.  The co-attention needs no second similarity: on CPU it is
-    the cached probabilities times the partner's mask, elsewhere the mask rides
-    along as one extra value channel of the positive pass.
+    Cost: on the CPU, where the (N, L, L) probabilities of a partner fit the soft_warp cache,
+    two fused operators (cmalign_pairs_fwd / _bwd): partners read through the indices, each
+    sample's norms once, the blend inside the warp's matrix product, the partner gradients
+    accumulated per sample (``REID_KERNELS_CMALIGN_CPU_PATH=per-partner`` selects the path
+    below instead).  Elsewhere one :func:`soft_warp` pass per partner, with a fused backward
+    for the gathers and blends.  The co-attention needs no second similarity: on CPU it is
+    the cached probabilities times the partner's mask, elsewhere the mask rides along as one
+    extra value channel of the positive pass.
     """
     _check_map("feat", feat)
     batch = feat.shape[0]
