@@ -306,11 +306,21 @@ def _cpu_path() -> str:
     return path
 
 
+# The fused backward keeps G for every (anchor, partner), a second (2, N, L, L) volume beside the
+# cached probabilities, where the per-partner backward needs one (L, L) matrix per sample at a time:
+# beyond this size (LbA's maps: 13 MiB; 72x36 maps of 4 samples: 215 MiB) the fused path would raise
+# the memory peak, and it is not faster there (measured 0.89x of torch.compile at N=4, 72x36).
+FUSED_MAX_VOLUME_BYTES = 64 << 20
+
+
 def _use_fused_pairs(x: torch.Tensor) -> bool:
-    """The fused CPU kernel runs where soft_warp_fwd would cache the probabilities (so the memory
-    rule, csrc/cmalign/soft_warp_common.h's cap per partner, is the same) and the maps hold numbers."""
+    """The fused CPU kernel runs where soft_warp_fwd would cache the probabilities (the same cap per
+    partner, csrc/cmalign/soft_warp_common.h), both partners' (N, L, L) volumes together take at most
+    FUSED_MAX_VOLUME_BYTES, and the maps hold numbers."""
+    n, _, l = x.shape
+    elem = 8 if x.dtype == torch.float64 else 4
     return (x.device.type == "cpu" and x.numel() > 0 and _soft_warp_probs_shape(x, x) != (0,)
-            and _cpu_path() == "fused")
+            and 2 * n * l * l * elem <= FUSED_MAX_VOLUME_BYTES and _cpu_path() == "fused")
 
 
 class _FusedPartnerReconstructions(torch.autograd.Function):

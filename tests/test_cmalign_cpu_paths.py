@@ -11,6 +11,8 @@ them one after another with threaded products otherwise), every dtype the op tak
 patterns the LbA sampler never makes (repeats, self-pairs, samples nobody uses); plus the
 operators' registrations, the phase timers and the FMA-peak micro-benchmark.
 """
+import sys
+
 import pytest
 import torch
 
@@ -151,6 +153,19 @@ def test_fused_path_only_where_the_cache_fits(monkeypatch):
     monkeypatch.setenv("REID_KERNELS_SOFT_WARP_CACHE_BYTES", str(4 * 9 * 9 * 4))
     out = reid_kernels.cmalign(feat, pos_idx, neg_idx)
     assert _producer(out.recon_pos).startswith("_FusedPartnerReconstructions")
+
+
+def test_fused_path_only_for_small_volumes(monkeypatch):
+    """Past FUSED_MAX_VOLUME_BYTES of (2, N, L, L) the per-partner path runs (the fused backward's G
+    volume would raise the memory peak)."""
+    cm = sys.modules["reid_kernels.cmalign"]  # the package attribute `cmalign` is the function
+
+    feat = _feat((4, 8, 3, 3), torch.float32, seed=10).requires_grad_()
+    pos_idx, neg_idx = torch.tensor([1, 0, 3, 2]), torch.tensor([2, 3, 0, 1])
+    monkeypatch.setattr(cm, "FUSED_MAX_VOLUME_BYTES", 2 * 4 * 9 * 9 * 4 - 1)
+    assert _producer(reid_kernels.cmalign(feat, pos_idx, neg_idx).recon_pos).startswith("_PartnerReconstructions")
+    monkeypatch.setattr(cm, "FUSED_MAX_VOLUME_BYTES", 2 * 4 * 9 * 9 * 4)
+    assert _producer(reid_kernels.cmalign(feat, pos_idx, neg_idx).recon_pos).startswith("_Fused")
 
 
 def test_bad_path_variable_is_refused(monkeypatch):
