@@ -16,6 +16,7 @@ came), flatten the maps and reshape the results.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -289,6 +290,77 @@ class _PartnerReconstructions(torch.autograd.Function):
         return grad_x, None, None, None, None
 
 
+CPU_PATH_ENV = "REID_KERNELS_CMALIGN_CPU_PATH"
+CPU_PATHS = ("fused", "per-partner")
+
+
+@torch.compiler.assume_constant_result
+def _cpu_path() -> str:
+    """Which CPU implementation :func:`cmalign` uses when the probabilities fit the cache:
+    ``fused`` (default: :class:`_FusedPartnerReconstructions`) or ``per-partner`` (two
+    soft_warp calls, :class:`_PartnerReconstructions`), from ``REID_KERNELS_CMALIGN_CPU_PATH``
+    (read at every call, so tests and benchmarks can reach both)."""
+    path = os.environ.get(CPU_PATH_ENV, "") or "fused"
+    if path not in CPU_PATHS:
+        raise ValueError(f"{CPU_PATH_ENV}: expected one of {', '.join(CPU_PATHS)}, got {path!r}")
+    return path
+
+
+# The fused backward keeps G for every (anchor, partner), a second (2, N, L, L) volume beside the
+# cached probabilities, where the per-partner backward needs one (L, L) matrix per sample at a time:
+# beyond this size (LbA's maps: 13 MiB; 72x36 maps of 4 samples: 215 MiB) the fused path would raise
+# the memory peak, and it is not faster there (measured 0.89x of torch.compile at N=4, 72x36).
+FUSED_MAX_VOLUME_BYTES = 64 << 20
+
+
+def _use_fused_pairs(x: torch.Tensor) -> bool:
+    """The fused CPU kernel runs where soft_warp_fwd would cache the probabilities (the same cap per
+    partner, csrc/cmalign/soft_warp_common.h), both partners' (N, L, L) volumes together take at most
+    FUSED_MAX_VOLUME_BYTES, and the maps hold numbers."""
+    n, _, l = x.shape
+    elem = 8 if x.dtype == torch.float64 else 4
+    return (x.device.type == "cpu" and x.numel() > 0 and _soft_warp_probs_shape(x, x) != (0,)
+            and 2 * n * l * l * elem <= FUSED_MAX_VOLUME_BYTES and _cpu_path() == "fused")
+
+
+class _FusedPartnerReconstructions(torch.autograd.Function):
+    """What :class:`_PartnerReconstructions` computes, on the CPU in two fused operators
+    (reid_kernels::cmalign_pairs_fwd / _bwd, csrc/cmalign/soft_warp_cpu.cpp): the partners are
+    read through the indices instead of gathered, each sample's norms are computed once, the
+    blend of eq. 3 runs inside the warp, and the backward accumulates every partner gradient in
+    the kernel (no index_add_, no per-partner (N, C, L) buffers)."""
+
+    @staticmethod
+    def forward(ctx, x, mask, pos_idx, neg_idx, temperature):
+        recon_pos, recon_neg, warped_mask, probs = torch.ops.reid_kernels.cmalign_pairs_fwd(
+            x, mask, pos_idx, neg_idx, temperature
+        )
+        ctx.save_for_backward(x, mask, pos_idx, neg_idx, probs)
+        ctx.temperature = temperature
+        ctx.mark_non_differentiable(warped_mask)
+        return recon_pos, recon_neg, warped_mask
+
+    @staticmethod
+    def backward(ctx, grad_pos, grad_neg, grad_mask):
+        if not torch.is_grad_enabled():
+            return _FusedPartnerReconstructions.first_order_backward(ctx, grad_pos, grad_neg)
+        with torch.no_grad():  # as _PartnerReconstructions.backward
+            grads = _FusedPartnerReconstructions.first_order_backward(ctx, grad_pos, grad_neg)
+        upstream = [g for g in (grad_pos, grad_neg) if g is not None and g.requires_grad]
+        grad_x = _RefuseDoubleBackward.apply(grads[0], *upstream) if upstream else grads[0]
+        return (grad_x, *grads[1:])
+
+    @staticmethod
+    def first_order_backward(ctx, grad_pos, grad_neg):
+        x, mask, pos_idx, neg_idx, probs = ctx.saved_tensors
+        grad_pos = torch.zeros_like(x) if grad_pos is None else grad_pos.contiguous()
+        grad_neg = torch.zeros_like(x) if grad_neg is None else grad_neg.contiguous()
+        grad_x = torch.ops.reid_kernels.cmalign_pairs_bwd(
+            grad_pos, grad_neg, x, mask, pos_idx, neg_idx, probs, ctx.temperature
+        )
+        return grad_x, None, None, None, None
+
+
 def cmalign(
     feat: torch.Tensor,
     pos_idx: torch.Tensor,
@@ -325,10 +397,14 @@ def cmalign(
         (eqs. 10-11).  Gradients reach ``feat`` through the similarities, softmax,
         warps and distances, including through the partners; the masks carry none.
 
-    Cost: one :func:`soft_warp` pass per partner, with a fused backward for the
-    gathers and blends.  The co-attention needs no second similarity: on CPU it is
-    the cached probabilities times the partner's mask, elsewhere the mask rides
-    along as one extra value channel of the positive pass.
+    Cost: on the CPU, where the (N, L, L) probabilities of a partner fit the soft_warp cache,
+    two fused operators (cmalign_pairs_fwd / _bwd): partners read through the indices, each
+    sample's norms once, the blend inside the warp's matrix product, the partner gradients
+    accumulated per sample (``REID_KERNELS_CMALIGN_CPU_PATH=per-partner`` selects the path
+    below instead).  Elsewhere one :func:`soft_warp` pass per partner, with a fused backward
+    for the gathers and blends.  The co-attention needs no second similarity: on CPU it is
+    the cached probabilities times the partner's mask, elsewhere the mask rides along as one
+    extra value channel of the positive pass.
     """
     _check_map("feat", feat)
     batch = feat.shape[0]
@@ -344,7 +420,12 @@ def cmalign(
     mask = torch.ops.reid_kernels.person_mask(x.detach())  # eqs. 5-7, (N, L)
 
     # eqs. 1-4 for both partners, plus the positive partner's warped mask
-    recon_pos, recon_neg, warped_mask = _PartnerReconstructions.apply(x, mask, pos_idx, neg_idx, temperature)
+    if _use_fused_pairs(x):
+        recon_pos, recon_neg, warped_mask = _FusedPartnerReconstructions.apply(
+            x, mask, pos_idx.contiguous(), neg_idx.contiguous(), temperature
+        )
+    else:
+        recon_pos, recon_neg, warped_mask = _PartnerReconstructions.apply(x, mask, pos_idx, neg_idx, temperature)
     comask = _minmax_per_sample(mask * warped_mask)  # eq. 9, detached
 
     maps = (n, c, h, w)

@@ -40,6 +40,11 @@
 #include <string>
 #include <vector>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
+#include "cmalign/cpu_phase_timer.h"
 #include "cmalign/soft_warp_common.h"
 #include "mutation.h"
 
@@ -58,6 +63,14 @@ int64_t soft_warp_prob_cache_bytes() {
 }
 
 namespace {
+
+// fn() timed as phase p (when REID_KERNELS_CMALIGN_PROFILE=1), credited with `flops`.
+template <typename Fn>
+void timed(phase::Phase p, int64_t flops, const Fn& fn) {
+  phase::ScopedPhase scope(p);
+  phase::add_flops(p, flops);
+  fn();
+}
 
 constexpr double kNormEps = 1e-12;            // F.normalize's eps (reference.py)
 constexpr int64_t kScratchElems = 1 << 18;     // one scratch block: rows * Lk elements (1 MiB in float32)
@@ -241,22 +254,28 @@ void forward_sample(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   at::Tensor inv_k = at::empty({Lk}, q.options());
   at::Tensor scratch = cached ? probs : at::empty({rows, Lk}, q.options());
   const T t_used = REID_MUTANT(1) && !cached ? t * T(1.01) : t;
-  inverse_column_norms(q.const_data_ptr<T>(), C, Lq, Lq, inv_q.mutable_data_ptr<T>(), static_cast<T*>(nullptr));
-  inverse_column_norms(k.const_data_ptr<T>(), C, Lk, Lk, inv_k.mutable_data_ptr<T>(), static_cast<T*>(nullptr));
+  timed(phase::kNorms, 0, [&] {
+    inverse_column_norms(q.const_data_ptr<T>(), C, Lq, Lq, inv_q.mutable_data_ptr<T>(), static_cast<T*>(nullptr));
+    inverse_column_norms(k.const_data_ptr<T>(), C, Lk, Lk, inv_k.mutable_data_ptr<T>(), static_cast<T*>(nullptr));
+  });
   for (int64_t p0 = 0; p0 < Lq; p0 += rows) {
     const int64_t pb = std::min(rows, Lq - p0);
     at::Tensor prob = scratch.narrow(0, cached ? p0 : 0, pb);
-    at::mm_out(prob, q.narrow(1, p0, pb).t(), k);  // raw q . k, eq. 1 before scaling
-    cosines_in_place(prob, inv_q.const_data_ptr<T>() + p0, inv_k.const_data_ptr<T>());
-    softmax_rows(prob, prob, t_used, lse + p0);
+    // raw q . k, eq. 1 before scaling
+    timed(phase::kCorrelation, 2 * C * pb * Lk, [&] { at::mm_out(prob, q.narrow(1, p0, pb).t(), k); });
+    timed(phase::kSoftmax, 0, [&] {
+      cosines_in_place(prob, inv_q.const_data_ptr<T>() + p0, inv_k.const_data_ptr<T>());
+      softmax_rows(prob, prob, t_used, lse + p0);
+    });
     at::Tensor out_blk = out.narrow(1, p0, pb);
-    at::mm_out(out_blk, v, prob.t());  // eq. 4
+    timed(phase::kWarp, 2 * v.size(0) * pb * Lk, [&] { at::mm_out(out_blk, v, prob.t()); });  // eq. 4
   }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_warp_fwd_cpu(const at::Tensor& query, const at::Tensor& key,
                                                                  const at::Tensor& value, double temperature) {
   const Dims d = check_inputs(query, key, value, temperature);
+  phase::begin_call();
   if (is_reduced_float(query)) {  // compute in float32, return in the input dtype
     const double t = REID_MUTANT(5) ? temperature * 1.01 : temperature;
     auto [out, lse, probs] = soft_warp_fwd_cpu(query.to(at::kFloat), key.to(at::kFloat), value.to(at::kFloat), t);
@@ -345,35 +364,48 @@ void backward_sample(const at::Tensor& grad_out, const at::Tensor& q, const at::
              dprob = at::empty({rows, Lk}, opts);
   const T* qp = q.const_data_ptr<T>();
   const T* kp = k.const_data_ptr<T>();
-  inverse_column_norms(qp, C, Lq, Lq, inv_q.mutable_data_ptr<T>(), radial_q.mutable_data_ptr<T>());
-  inverse_column_norms(kp, C, Lk, Lk, inv_k.mutable_data_ptr<T>(), radial_k.mutable_data_ptr<T>());
+  timed(phase::kNorms, 0, [&] {
+    inverse_column_norms(qp, C, Lq, Lq, inv_q.mutable_data_ptr<T>(), radial_q.mutable_data_ptr<T>());
+    inverse_column_norms(kp, C, Lk, Lk, inv_k.mutable_data_ptr<T>(), radial_k.mutable_data_ptr<T>());
+  });
+  const int64_t Cv = v.size(0);
 
   for (int64_t p0 = 0; p0 < Lq; p0 += rows) {
     const int64_t pb = std::min(rows, Lq - p0);
     at::Tensor s = scores.narrow(0, 0, pb), pr = prob.narrow(0, 0, pb), g = dprob.narrow(0, 0, pb);
     at::Tensor q_blk = q.narrow(1, p0, pb), go_blk = grad_out.narrow(1, p0, pb), gq_blk = grad_q.narrow(1, p0, pb);
 
-    at::mm_out(s, q_blk.t(), k);
-    cosines_in_place(s, inv_q.const_data_ptr<T>() + p0, inv_k.const_data_ptr<T>());
-    softmax_rows(s, pr, t, static_cast<float*>(nullptr));  // the forward's P, recomputed
-    at::mm_out(g, go_blk.t(), v);  // dP
-    score_gradients_block(pr.const_data_ptr<T>(), g.mutable_data_ptr<T>(), s.mutable_data_ptr<T>(), pb, Lk,
-                          inv_q.const_data_ptr<T>() + p0, inv_k.const_data_ptr<T>(),
-                          radial_q.const_data_ptr<T>() + p0, t, coef.mutable_data_ptr<T>());
-    add_column_sums(s.const_data_ptr<T>(), pb, Lk, col_sums.mutable_data_ptr<T>());
+    timed(phase::kBwdRecompute, 2 * C * pb * Lk, [&] {
+      at::mm_out(s, q_blk.t(), k);
+      cosines_in_place(s, inv_q.const_data_ptr<T>() + p0, inv_k.const_data_ptr<T>());
+      softmax_rows(s, pr, t, static_cast<float*>(nullptr));  // the forward's P, recomputed
+    });
+    timed(phase::kBwdProbGrad, 2 * Cv * pb * Lk, [&] { at::mm_out(g, go_blk.t(), v); });  // dP
+    timed(phase::kBwdSoftmax, 0, [&] {
+      score_gradients_block(pr.const_data_ptr<T>(), g.mutable_data_ptr<T>(), s.mutable_data_ptr<T>(), pb, Lk,
+                            inv_q.const_data_ptr<T>() + p0, inv_k.const_data_ptr<T>(),
+                            radial_q.const_data_ptr<T>() + p0, t, coef.mutable_data_ptr<T>());
+      add_column_sums(s.const_data_ptr<T>(), pb, Lk, col_sums.mutable_data_ptr<T>());
+    });
 
-    at::mm_out(gq_blk, k, g.t());
-    subtract_radial(gq_blk.mutable_data_ptr<T>(), qp + p0, coef.const_data_ptr<T>(), C, pb, Lq);
+    timed(phase::kBwdQueryGrad, 2 * C * pb * Lk, [&] { at::mm_out(gq_blk, k, g.t()); });
+    timed(phase::kBwdNormalize, 0, [&] {
+      subtract_radial(gq_blk.mutable_data_ptr<T>(), qp + p0, coef.const_data_ptr<T>(), C, pb, Lq);
+    });
     if (p0 == 0) {
-      at::mm_out(grad_v, go_blk, pr);
-      at::mm_out(grad_k, q_blk, g);
+      timed(phase::kBwdValueGrad, 2 * Cv * pb * Lk, [&] { at::mm_out(grad_v, go_blk, pr); });
+      timed(phase::kBwdKeyGrad, 2 * C * pb * Lk, [&] { at::mm_out(grad_k, q_blk, g); });
     } else {
-      grad_v.addmm_(go_blk, pr);
-      if (!REID_MUTANT(2)) grad_k.addmm_(q_blk, g);
+      timed(phase::kBwdValueGrad, 2 * Cv * pb * Lk, [&] { grad_v.addmm_(go_blk, pr); });
+      timed(phase::kBwdKeyGrad, 2 * C * pb * Lk, [&] {
+        if (!REID_MUTANT(2)) grad_k.addmm_(q_blk, g);
+      });
     }
   }
-  col_sums.mul_(radial_k);  // b[j] * radial_k[j]
-  subtract_radial(grad_k.mutable_data_ptr<T>(), kp, col_sums.const_data_ptr<T>(), C, Lk, Lk);
+  timed(phase::kBwdNormalize, 0, [&] {
+    col_sums.mul_(radial_k);  // b[j] * radial_k[j]
+    subtract_radial(grad_k.mutable_data_ptr<T>(), kp, col_sums.const_data_ptr<T>(), C, Lk, Lk);
+  });
 }
 
 // In place on the dP of a block of rows given the cached P: dP -> G = dS * inv_q[p] * inv_k[j],
@@ -427,17 +459,25 @@ void backward_sample_cached(const at::Tensor& grad_out, const at::Tensor& q, con
   at::Tensor inv_q = at::empty({Lq}, opts), radial_q = at::empty({Lq}, opts);
   at::Tensor inv_k = at::empty({Lk}, opts), radial_k = at::empty({Lk}, opts);
   at::Tensor g = at::empty({Lq, Lk}, opts);
-  inverse_column_norms(q.const_data_ptr<T>(), C, Lq, Lq, inv_q.mutable_data_ptr<T>(), radial_q.mutable_data_ptr<T>());
-  inverse_column_norms(k.const_data_ptr<T>(), C, Lk, Lk, inv_k.mutable_data_ptr<T>(), radial_k.mutable_data_ptr<T>());
-
-  at::mm_out(grad_v, grad_out, prob);  // eq. 4 backward
-  at::mm_out(g, grad_out.t(), v);      // dP
-  score_gradients_cached(prob.const_data_ptr<T>(), g.mutable_data_ptr<T>(), Lq, Lk, inv_q.const_data_ptr<T>(),
-                         inv_k.const_data_ptr<T>(), t);
-  at::mm_out(grad_q, k, g.t());
-  at::mm_out(grad_k, q, g);
-  normalize_backward(grad_q.mutable_data_ptr<T>(), q.const_data_ptr<T>(), radial_q.const_data_ptr<T>(), C, Lq);
-  normalize_backward(grad_k.mutable_data_ptr<T>(), k.const_data_ptr<T>(), radial_k.const_data_ptr<T>(), C, Lk);
+  timed(phase::kNorms, 0, [&] {
+    inverse_column_norms(q.const_data_ptr<T>(), C, Lq, Lq, inv_q.mutable_data_ptr<T>(),
+                         radial_q.mutable_data_ptr<T>());
+    inverse_column_norms(k.const_data_ptr<T>(), C, Lk, Lk, inv_k.mutable_data_ptr<T>(),
+                         radial_k.mutable_data_ptr<T>());
+  });
+  const int64_t Cv = v.size(0);
+  timed(phase::kBwdValueGrad, 2 * Cv * Lq * Lk, [&] { at::mm_out(grad_v, grad_out, prob); });  // eq. 4 backward
+  timed(phase::kBwdProbGrad, 2 * Cv * Lq * Lk, [&] { at::mm_out(g, grad_out.t(), v); });      // dP
+  timed(phase::kBwdSoftmax, 0, [&] {
+    score_gradients_cached(prob.const_data_ptr<T>(), g.mutable_data_ptr<T>(), Lq, Lk, inv_q.const_data_ptr<T>(),
+                           inv_k.const_data_ptr<T>(), t);
+  });
+  timed(phase::kBwdQueryGrad, 2 * C * Lq * Lk, [&] { at::mm_out(grad_q, k, g.t()); });
+  timed(phase::kBwdKeyGrad, 2 * C * Lq * Lk, [&] { at::mm_out(grad_k, q, g); });
+  timed(phase::kBwdNormalize, 0, [&] {
+    normalize_backward(grad_q.mutable_data_ptr<T>(), q.const_data_ptr<T>(), radial_q.const_data_ptr<T>(), C, Lq);
+    normalize_backward(grad_k.mutable_data_ptr<T>(), k.const_data_ptr<T>(), radial_k.const_data_ptr<T>(), C, Lk);
+  });
 }
 
 void check_probs(const at::Tensor& probs, const Dims& d, const at::Tensor& query) {
@@ -465,6 +505,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_warp_bwd_cpu(const at::Tenso
   // caller can reuse the forward's output buffer (reid_kernels.cmalign does).
   if (!(out.numel() == 0 && probs.numel() > 0)) check_like_shape(out, "out", {d.N, d.Cv, d.Lq}, query);
   check_probs(probs, d, query);
+  phase::begin_call();
   if (is_reduced_float(query)) {  // compute in float32, return in the input dtype
     const auto f = [](const at::Tensor& t) { return t.to(at::kFloat); };
     auto [gq, gk, gv] = soft_warp_bwd_cpu(f(grad_out), f(query), f(key), f(value), f(out), probs, temperature);
@@ -496,11 +537,364 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_warp_bwd_cpu(const at::Tenso
   return {grad_q, grad_k, grad_v};
 }
 
+
+// ---------------------------------------------------------------------------
+// CMAlign's two partner warps fused (reid_kernels::cmalign_pairs_fwd / _bwd, CPU only).
+//
+// reid_kernels.cmalign rebuilds every anchor x[i] from its positive x[pos[i]] and its negative
+// x[neg[i]] partner (Learning by Aligning, ICCV 2021, eqs. 1-4): two soft warps with value = key,
+// then the blend of eq. 3, recon = x + m * (W - x).  Run as two soft_warp_fwd calls, that costs
+// two gathered (N, C, L) copies of the partners, norms computed four times per anchor, and in the
+// backward five more (N, C, L) buffers (partner gradients, scattered with index_add_) plus
+// element-wise passes over them in Python.  Here the partners are read in place through the
+// indices, each sample's norms are computed once, the blend of eq. 3 rides in the warp's matrix
+// product (x_i diag(1 - m) + x_j (diag(m) P)^T), and the backward runs in two phases:
+//   1. per anchor i: dP = (g * m_i)^T x_j and G (the softmax backward) for both partners j,
+//      grad_x[i] = normalisation backward of sum_j x_j G^T, plus the blend's direct term;
+//   2. per sample j: every (anchor, partner) pair that used x[j] as key and value adds
+//      x_i G (normalisation-backward with x[j]'s norms) and (g * m_i) P to grad_x[j], in the
+//      order of the anchors: no scatter, no atomics, the same sums at any thread count.
+// Same matrix products as soft_warp_fwd / soft_warp_bwd with the probability cache: two in the
+// forward and four in the backward per (anchor, partner); the probabilities of both partners
+// are kept, (2, N, L, L), the same bytes as the two soft_warp caches.
+
+// out[p, l] = w[p] * m[p, l] over a (rows, cols) matrix.
+template <typename T>
+void scale_rows(const T* m, const T* w, int64_t rows, int64_t cols, T* out) {
+  for (int64_t p = 0; p < rows; ++p)
+    for (int64_t l = 0; l < cols; ++l) out[p * cols + l] = w[p] * m[p * cols + l];
+}
+
+// An uninitialised tensor for the fused operators' large outputs and buffers ((N, C, L) maps are
+// tens of MB).  Their first touch costs more than the arithmetic on them when they sit on 4 KiB
+// pages (measured: filling a fresh 42 MB buffer takes 40 ms, a reused one 5 ms, one thread); on
+// Linux, allocations of 4 MiB and more are 2 MiB-aligned and advised for transparent huge pages
+// (one fault per 2 MiB; measured 8 ms for the same fill).  The advice is only advice: where
+// huge pages are off the memory is ordinary pages, and the bytes used are the same but for the
+// rounding to 2 MiB.
+at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) {
+#ifdef __linux__
+  constexpr size_t kHugePage = size_t(2) << 20;
+  const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * c10::elementSize(options.dtype().toScalarType());
+  if (bytes >= 2 * kHugePage) {
+    const size_t rounded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+    void* data = nullptr;
+    if (posix_memalign(&data, kHugePage, rounded) == 0) {
+      madvise(data, rounded, MADV_HUGEPAGE);
+      return at::from_blob(data, sizes, [](void* p) { std::free(p); }, options);
+    }
+  }
+#endif
+  return at::empty(sizes, options);
+}
+
+// The partner indices as int64 values in [0, N) (the Python wrapper checks first).
+const int64_t* check_partner_index(const at::Tensor& index, const char* name, int64_t N) {
+  TORCH_CHECK(index.device().is_cpu() && index.scalar_type() == at::kLong && index.dim() == 1 &&
+                  index.size(0) == N && index.is_contiguous(),
+              name, ": expected a contiguous int64 CPU tensor of shape (", N, ",), got ", index.scalar_type(),
+              " of shape ", index.sizes(), " on ", index.device());
+  const int64_t* p = index.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < N; ++i)
+    TORCH_CHECK(p[i] >= 0 && p[i] < N, name, ": expected values in [0, ", N, "), got ", p[i], " at ", i);
+  return p;
+}
+
+void check_pairs_inputs(const at::Tensor& x, const at::Tensor& mask, double temperature) {
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "x: expected a floating-point tensor, got dtype ",
+              x.scalar_type());
+  check_map(x, "x", x);
+  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == x.size(0) && mask.size(1) == x.size(2), "mask: expected shape (",
+              x.size(0), ", ", x.size(2), "), got ", mask.sizes());
+  TORCH_CHECK(mask.device().is_cpu() && mask.scalar_type() == x.scalar_type() && mask.is_contiguous(),
+              "mask: expected a contiguous CPU tensor of dtype ", x.scalar_type(), ", got ", mask.scalar_type(),
+              " on ", mask.device());
+  check_soft_warp_temperature(temperature, x.scalar_type());
+}
+
+// inv[n, l] (and radial[n, l] when not null) for every sample: each norm once, whatever its roles.
+template <typename T>
+void all_inverse_norms(const T* x, int64_t N, int64_t C, int64_t L, T* inv, T* radial) {
+  timed(phase::kNorms, 0, [&] {
+    for_each_sample(N, [&](int64_t n) {
+      inverse_column_norms(x + n * C * L, C, L, L, inv + n * L, radial == nullptr ? radial : radial + n * L);
+    });
+  });
+}
+
+// out = x_i + m_i * (x_j P^T - x_i) (eqs. 4 and 3), as x_i diag(1 - m_i) + x_j (diag(m_i) P)^T: one
+// streaming pass writes the first term and the matrix product adds the second (beta = 1), so the
+// blend costs no pass over the warp.  `weighted` is an (L, L) scratch for diag(m_i) P.
+template <typename T>
+void warp_and_blend(const at::Tensor& xi, const at::Tensor& xj, const at::Tensor& prob, const T* m, at::Tensor& out,
+                    at::Tensor& weighted) {
+  const int64_t C = xi.size(0), L = xi.size(1);
+  const T* a = xi.const_data_ptr<T>();
+  T* o = out.mutable_data_ptr<T>();
+  parallel_over(C, L, [&](int64_t c) {
+    for (int64_t l = 0; l < L; ++l) o[c * L + l] = (T(1) - m[l]) * a[c * L + l];
+  });
+  scale_rows(prob.const_data_ptr<T>(), m, L, L, weighted.mutable_data_ptr<T>());
+  out.addmm_(xj, weighted.t());
+}
+
+// wm[p] = sum_l P[p, l] mask_j[l]: eq. 4 applied to the partner's mask (eq. 9's W(M)).
+template <typename T>
+void warp_mask(const T* prob, const T* mask_j, int64_t L, T* wm) {
+  for (int64_t p = 0; p < L; ++p) {
+    const T* pr = prob + p * L;
+    T acc = 0;
+    for (int64_t l = 0; l < L; ++l) acc += pr[l] * mask_j[l];
+    wm[p] = acc;
+  }
+}
+
+template <typename T>
+void pairs_forward(const at::Tensor& x, const at::Tensor& mask, const int64_t* const partner[2], T t,
+                   at::Tensor recon[2], at::Tensor& warped_mask, at::Tensor& probs) {
+  const int64_t N = x.size(0), C = x.size(1), L = x.size(2);
+  at::Tensor inv = at::empty({N, L}, x.options());
+  const T* inv_p = inv.const_data_ptr<T>();
+  const T* m = mask.const_data_ptr<T>();
+  all_inverse_norms(x.const_data_ptr<T>(), N, C, L, inv.mutable_data_ptr<T>(), static_cast<T*>(nullptr));
+  for_each_sample(N, [&](int64_t i) {
+    const at::Tensor xi = x.select(0, i);
+    at::Tensor weighted = at::empty({L, L}, x.options());
+    for (int part = 0; part < 2; ++part) {
+      const int64_t j = partner[part][i];
+      const at::Tensor xj = x.select(0, j);
+      at::Tensor prob = probs.select(0, part).select(0, i);
+      timed(phase::kCorrelation, 2 * C * L * L, [&] { at::mm_out(prob, xi.t(), xj); });  // eq. 1, raw
+      timed(phase::kSoftmax, 0, [&] {
+        cosines_in_place(prob, inv_p + i * L, inv_p + j * L);
+        softmax_rows(prob, prob, t, static_cast<float*>(nullptr));  // eq. 2
+        if (part == 0) warp_mask(prob.const_data_ptr<T>(), m + j * L, L, warped_mask.mutable_data_ptr<T>() + i * L);
+      });
+      timed(phase::kWarp, 2 * C * L * L, [&] {
+        at::Tensor out = recon[part].select(0, i);
+        warp_and_blend(xi, xj, prob, m + i * L, out, weighted);
+      });
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cmalign_pairs_fwd_cpu(const at::Tensor& x,
+                                                                                  const at::Tensor& mask,
+                                                                                  const at::Tensor& pos_idx,
+                                                                                  const at::Tensor& neg_idx,
+                                                                                  double temperature) {
+  check_pairs_inputs(x, mask, temperature);
+  const int64_t N = x.size(0), L = x.size(2);
+  const int64_t* const partner[2] = {check_partner_index(pos_idx, "pos_idx", N),
+                                     check_partner_index(neg_idx, "neg_idx", N)};
+  phase::begin_call();
+  if (is_reduced_float(x)) {  // compute in float32, return in the input dtype
+    auto [rp, rn, wm, probs] =
+        cmalign_pairs_fwd_cpu(x.to(at::kFloat), mask.to(at::kFloat), pos_idx, neg_idx, temperature);
+    return {rp.to(x.scalar_type()), rn.to(x.scalar_type()), wm.to(x.scalar_type()), probs};
+  }
+  at::Tensor recon[2] = {empty_large(x.sizes(), x.options()), empty_large(x.sizes(), x.options())};
+  at::Tensor warped_mask = at::empty({N, L}, x.options());
+  at::Tensor probs = empty_large({2, N, L, L}, x.options());
+  if (x.numel() == 0) {
+    warped_mask.zero_();
+    return {recon[0], recon[1], warped_mask, probs};
+  }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cmalign_pairs_fwd_cpu", [&] {
+    pairs_forward<scalar_t>(x, mask, partner, static_cast<scalar_t>(temperature), recon, warped_mask, probs);
+  });
+  return {recon[0], recon[1], warped_mask, probs};
+}
+
+// In place on D = g^T x_j (the warp's dP before the blend weight): D -> G = dS * inv_i[p] * inv_j[l],
+// dS = t * P * (m_i[p] * D - rowsum(P * m_i[p] * D)).
+template <typename T>
+void pair_score_gradients(const T* prob, T* d, int64_t L, const T* m_i, const T* inv_i, const T* inv_j, T t) {
+  parallel_over(L, L, [&](int64_t p) {
+    const T* pr = prob + p * L;
+    T* dp = d + p * L;
+    const T w = m_i[p];
+    T centre = 0;
+    for (int64_t l = 0; l < L; ++l) centre += pr[l] * dp[l];
+    centre *= w;
+    const T scale = t * inv_i[p];
+    for (int64_t l = 0; l < L; ++l) dp[l] = scale * pr[l] * (w * dp[l] - centre) * inv_j[l];
+  });
+}
+
+// grad[c, l] += acc[c, l] - radial[l] * (x[:, l] . acc[:, l]) * x[c, l] + (1 - m[l]) * direct[c, l]
+// over (C, L): the normalisation backward of the cosine path (dots in double, as normalize_backward)
+// plus, when `direct` is not null, the blend's direct gradient (1 - m) * (g_pos + g_neg).
+// acc may be grad itself (then grad is overwritten, not added to).
+template <typename T>
+void add_normalized(T* grad, const T* acc, const T* x, const T* radial, int64_t C, int64_t L, const T* m,
+                    const T* direct_pos, const T* direct_neg) {
+  constexpr int64_t kChunk = 64;
+  const bool overwrite = acc == grad;
+  parallel_over((L + kChunk - 1) / kChunk, 3 * C * kChunk, [&](int64_t chunk) {
+    const int64_t begin = chunk * kChunk, cols = std::min(L, begin + kChunk) - begin;
+    double dots[kChunk] = {};
+    for (int64_t c = 0; c < C; ++c) {
+      const T* xr = x + c * L + begin;
+      const T* ar = acc + c * L + begin;
+      for (int64_t l = 0; l < cols; ++l) dots[l] += static_cast<double>(xr[l]) * ar[l];
+    }
+    T coef[kChunk], keep[kChunk];
+    for (int64_t l = 0; l < cols; ++l) {
+      coef[l] = static_cast<T>(dots[l] * radial[begin + l]);
+      keep[l] = m == nullptr ? T(0) : T(1) - m[begin + l];
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t o = c * L + begin;
+      T* gr = grad + o;
+      const T* ar = acc + o;
+      const T* xr = x + o;
+      if (direct_pos != nullptr) {
+        const T* gp = direct_pos + o;
+        const T* gn = direct_neg + o;
+        for (int64_t l = 0; l < cols; ++l)
+          gr[l] = (overwrite ? T(0) : gr[l]) + (ar[l] - coef[l] * xr[l]) + keep[l] * (gp[l] + gn[l]);
+      } else {
+        for (int64_t l = 0; l < cols; ++l) gr[l] = (overwrite ? T(0) : gr[l]) + (ar[l] - coef[l] * xr[l]);
+      }
+    }
+  });
+}
+
+// For every sample j, the (anchor, partner) pairs that read it as key and value, anchors ascending:
+// pairs[offsets[j] .. offsets[j + 1]) holds 2 * i + part.
+struct Incoming {
+  std::vector<int64_t> offsets, pairs;
+};
+
+Incoming incoming_pairs(const int64_t* const partner[2], int64_t N) {
+  Incoming in;
+  in.offsets.assign(N + 1, 0);
+  for (int part = 0; part < 2; ++part)
+    for (int64_t i = 0; i < N; ++i) ++in.offsets[partner[part][i] + 1];
+  for (int64_t j = 0; j < N; ++j) in.offsets[j + 1] += in.offsets[j];
+  in.pairs.resize(2 * N);
+  std::vector<int64_t> fill(in.offsets.begin(), in.offsets.end() - 1);
+  for (int64_t i = 0; i < N; ++i)
+    for (int part = 0; part < 2; ++part) in.pairs[fill[partner[part][i]]++] = 2 * i + part;
+  return in;
+}
+
+template <typename T>
+struct PairsBackward {
+  const at::Tensor& x;
+  const at::Tensor* grad[2];
+  const T* m;
+  const int64_t* const* partner;
+  const at::Tensor& probs;
+  at::Tensor& gmat;  // (2, N, L, L): G of every (anchor, partner)
+  at::Tensor& grad_x;
+  const T* inv;
+  const T* radial;
+  T t;
+  int64_t C, L;
+
+  // Phase 1 for anchor i: G of both partners, then grad_x[i] (its query role and the blend's direct term).
+  void anchor(int64_t i) const {
+    at::Tensor gx = grad_x.select(0, i);
+    for (int part = 0; part < 2; ++part) {
+      const int64_t j = partner[part][i];
+      const at::Tensor xj = x.select(0, j);
+      at::Tensor d = gmat.select(0, part).select(0, i);
+      const at::Tensor prob = probs.select(0, part).select(0, i);
+      timed(phase::kBwdProbGrad, 2 * C * L * L, [&] { at::mm_out(d, grad[part]->select(0, i).t(), xj); });
+      timed(phase::kBwdSoftmax, 0, [&] {
+        pair_score_gradients(prob.const_data_ptr<T>(), d.mutable_data_ptr<T>(), L, m + i * L, inv + i * L,
+                             inv + j * L, t);
+      });
+      timed(phase::kBwdQueryGrad, 2 * C * L * L, [&] {
+        if (part == 0) at::mm_out(gx, xj, d.t());
+        else gx.addmm_(xj, d.t());
+      });
+    }
+    timed(phase::kBwdNormalize, 0, [&] {
+      T* g = gx.mutable_data_ptr<T>();
+      add_normalized(g, g, x.const_data_ptr<T>() + i * C * L, radial + i * L, C, L, m + i * L,
+                     grad[0]->const_data_ptr<T>() + i * C * L, grad[1]->const_data_ptr<T>() + i * C * L);
+    });
+  }
+
+  // Phase 2 for sample j: what it receives as key (through the cosines) and as value.
+  void partner_sample(int64_t j, const Incoming& in) const {
+    const int64_t begin = in.offsets[j], end = in.offsets[j + 1];
+    if (begin == end) return;
+    at::Tensor acc = at::empty({C, L}, x.options());
+    at::Tensor weighted = at::empty({L, L}, x.options());
+    at::Tensor gx = grad_x.select(0, j);
+    timed(phase::kBwdKeyGrad, 2 * C * L * L * (end - begin), [&] {
+      for (int64_t e = begin; e < end; ++e) {
+        const int64_t i = in.pairs[e] / 2, part = in.pairs[e] % 2;
+        const at::Tensor xi = x.select(0, i), g = gmat.select(0, part).select(0, i);
+        if (e == begin) at::mm_out(acc, xi, g);
+        else acc.addmm_(xi, g);
+      }
+    });
+    timed(phase::kBwdNormalize, 0, [&] {
+      add_normalized(gx.mutable_data_ptr<T>(), acc.const_data_ptr<T>(), x.const_data_ptr<T>() + j * C * L,
+                     radial + j * L, C, L, static_cast<const T*>(nullptr), static_cast<const T*>(nullptr),
+                     static_cast<const T*>(nullptr));
+    });
+    timed(phase::kBwdValueGrad, 2 * C * L * L * (end - begin), [&] {
+      for (int64_t e = begin; e < end; ++e) {
+        const int64_t i = in.pairs[e] / 2, part = in.pairs[e] % 2;
+        // (g * m_i) P = g (diag(m_i) P): the blend weight moved onto the probabilities' rows
+        scale_rows(probs.select(0, part).select(0, i).const_data_ptr<T>(), m + i * L, L, L,
+                   weighted.mutable_data_ptr<T>());
+        gx.addmm_(grad[part]->select(0, i), weighted);
+      }
+    });
+  }
+};
+
+at::Tensor cmalign_pairs_bwd_cpu(const at::Tensor& grad_pos, const at::Tensor& grad_neg, const at::Tensor& x,
+                                 const at::Tensor& mask, const at::Tensor& pos_idx, const at::Tensor& neg_idx,
+                                 const at::Tensor& probs, double temperature) {
+  check_pairs_inputs(x, mask, temperature);
+  check_like_shape(grad_pos, "grad_pos", x.sizes(), x);
+  check_like_shape(grad_neg, "grad_neg", x.sizes(), x);
+  const int64_t N = x.size(0), C = x.size(1), L = x.size(2);
+  const int64_t* const partner[2] = {check_partner_index(pos_idx, "pos_idx", N),
+                                     check_partner_index(neg_idx, "neg_idx", N)};
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(probs.device().is_cpu() && probs.scalar_type() == acc && probs.is_contiguous() &&
+                  probs.sizes() == at::IntArrayRef({2, N, L, L}),
+              "probs: expected a contiguous ", acc, " CPU tensor of shape (2, ", N, ", ", L, ", ", L,
+              ") (cmalign_pairs_fwd's fourth output), got ", probs.scalar_type(), " of shape ", probs.sizes());
+  phase::begin_call();
+  if (is_reduced_float(x)) {  // compute in float32, return in the input dtype
+    const auto f = [](const at::Tensor& t) { return t.to(at::kFloat); };
+    return cmalign_pairs_bwd_cpu(f(grad_pos), f(grad_neg), f(x), f(mask), pos_idx, neg_idx, probs, temperature)
+        .to(x.scalar_type());
+  }
+  at::Tensor grad_x = empty_large(x.sizes(), x.options());
+  if (x.numel() == 0) return grad_x.zero_();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cmalign_pairs_bwd_cpu", [&] {
+    using T = scalar_t;
+    at::Tensor inv = at::empty({N, L}, x.options()), radial = at::empty({N, L}, x.options());
+    at::Tensor gmat = empty_large({2, N, L, L}, x.options());
+    all_inverse_norms(x.const_data_ptr<T>(), N, C, L, inv.mutable_data_ptr<T>(), radial.mutable_data_ptr<T>());
+    const Incoming in = incoming_pairs(partner, N);
+    const PairsBackward<T> bwd{x,      {&grad_pos, &grad_neg}, mask.const_data_ptr<T>(), partner,
+                               probs,  gmat,                   grad_x,                   inv.const_data_ptr<T>(),
+                               radial.const_data_ptr<T>(),     static_cast<T>(temperature), C, L};
+    for_each_sample(N, [&](int64_t i) { bwd.anchor(i); });
+    for_each_sample(N, [&](int64_t j) { bwd.partner_sample(j, in); });
+  });
+  return grad_x;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(reid_kernels, CPU, m) {
   m.impl("soft_warp_fwd", &soft_warp_fwd_cpu);
   m.impl("soft_warp_bwd", &soft_warp_bwd_cpu);
+  m.impl("cmalign_pairs_fwd", &cmalign_pairs_fwd_cpu);
+  m.impl("cmalign_pairs_bwd", &cmalign_pairs_bwd_cpu);
 }
 
 }  // namespace reid_kernels

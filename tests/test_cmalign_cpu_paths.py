@@ -1,0 +1,274 @@
+"""The two CPU implementations of reid_kernels.cmalign, each against the reference.
+
+* ``fused`` (default where the probabilities fit the cache): cmalign_pairs_fwd / _bwd
+  (csrc/cmalign/soft_warp_cpu.cpp) -- partners read through the indices, blend inside the warp,
+  the backward's partner gradients accumulated per sample in two phases;
+* ``per-partner``: two soft_warp calls (REID_KERNELS_CMALIGN_CPU_PATH=per-partner, and the path
+  beyond the cache cap, tested in test_soft_warp_paths.py / test_cmalign.py);
+
+at 1 and 2 threads (the kernels spread the samples over the threads when N >= threads, and run
+them one after another with threaded products otherwise), every dtype the op takes, partner
+patterns the LbA sampler never makes (repeats, self-pairs, samples nobody uses); plus the
+operators' registrations, the phase timers and the FMA-peak micro-benchmark.
+"""
+import sys
+
+import pytest
+import torch
+
+import reid_kernels
+from reid_kernels import reference
+from reid_kernels.cmalign import CPU_PATH_ENV
+
+from conftest import threads
+
+pytestmark = pytest.mark.skipif(not reid_kernels.extension_available(), reason="reid_kernels._C not built")
+
+PATHS = ("fused", "per-partner")
+# Measured max |kernel - reference| over the cases below (both paths, outputs and gradients):
+# float64 4e-14, float32 1.3e-5 (gradients of magnitude ~20). Tolerances as test_cmalign.py's MASKED_TOL.
+TOL = {torch.float64: dict(atol=1e-9, rtol=1e-7), torch.float32: dict(atol=1e-4, rtol=1e-4)}
+
+
+def _feat(shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64).relu().to(dtype)
+
+
+def _weighted_grad(out, feat, seed):
+    """Gradient of loss + sum(w_pos * recon_pos) + sum(w_neg * recon_neg), fixed random weights."""
+    g = torch.Generator().manual_seed(seed)
+    w_pos = torch.randn(out.recon_pos.shape, generator=g, dtype=torch.float64).to(feat.dtype)
+    w_neg = torch.randn(out.recon_neg.shape, generator=g, dtype=torch.float64).to(feat.dtype)
+    total = out.loss + (out.recon_pos * w_pos).sum() + (out.recon_neg * w_neg).sum()
+    (grad,) = torch.autograd.grad(total, feat)
+    return grad
+
+
+def _producer(tensor) -> str:
+    """Name of the autograd node that made `tensor`, looking through views."""
+    node = tensor.grad_fn
+    while type(node).__name__ == "ViewBackward0":
+        node = node.next_functions[0][0]
+    return type(node).__name__
+
+
+def _run(path, monkeypatch, feat, pos_idx, neg_idx, temperature=50.0):
+    monkeypatch.setenv(CPU_PATH_ENV, path)
+    leaf = feat.detach().requires_grad_()
+    out = reid_kernels.cmalign(leaf, pos_idx, neg_idx, temperature)
+    fused = _producer(out.recon_pos).startswith("_FusedPartnerReconstructions")
+    assert fused == (path == "fused"), f"{path} path: recon_pos came from {_producer(out.recon_pos)}"
+    return out, _weighted_grad(out, leaf, 7)
+
+
+def _check_path(path, monkeypatch, feat, pos_idx, neg_idx, temperature=50.0):
+    out, grad = _run(path, monkeypatch, feat, pos_idx, neg_idx, temperature)
+    leaf = feat.detach().requires_grad_()
+    want = reference.cmalign(leaf, pos_idx, neg_idx, temperature)
+    tol = TOL[feat.dtype]
+    for name in want._fields:
+        torch.testing.assert_close(getattr(out, name), getattr(want, name), **tol,
+                                   msg=lambda m: f"{path} {name}: {m}")
+    torch.testing.assert_close(grad, _weighted_grad(want, leaf, 7), **tol, msg=lambda m: f"{path} grad: {m}")
+
+
+LBA_CASES = [
+    (2, 2, 3, 4, 3),
+    (8, 4, 16, 6, 3),  # LbA batch, N = 64
+    (2, 2, 2048, 3, 2),  # LbA conv5 channels
+    (2, 1, 64, 36, 18),  # 648 positions
+]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", LBA_CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("num_threads", [1, 2])
+def test_cpu_path_matches_reference(monkeypatch, path, dtype, case, num_threads):
+    n_ids, n_pos, c, h, w = case
+    feat = _feat((2 * n_ids * n_pos, c, h, w), dtype, seed=3)
+    pos_idx, neg_idx = reid_kernels.lba_pairs(n_ids, n_pos, generator=torch.Generator().manual_seed(4))
+    with threads(num_threads):
+        _check_path(path, monkeypatch, feat, pos_idx, neg_idx)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("num_threads", [1, 2])
+def test_cpu_path_arbitrary_partners(monkeypatch, path, num_threads):
+    """Sample 3 is every anchor's negative, 4 is nobody's partner, 0 its own positive; int32 indices."""
+    feat = _feat((6, 12, 4, 3), torch.float64, seed=5)
+    pos_idx = torch.tensor([0, 2, 1, 1, 5, 0], dtype=torch.int32)
+    neg_idx = torch.tensor([3, 3, 3, 3, 3, 3])
+    with threads(num_threads):
+        _check_path(path, monkeypatch, feat, pos_idx, neg_idx, temperature=7.0)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_cpu_path_single_sample(monkeypatch, path):
+    """N = 1 (its own partner twice): fewer samples than threads, the samples-in-sequence branch."""
+    feat = _feat((1, 8, 3, 3), torch.float64, seed=6)
+    idx = torch.zeros(1, dtype=torch.long)
+    with threads(2):
+        _check_path(path, monkeypatch, feat, idx, idx, temperature=5.0)
+
+
+def test_fused_and_per_partner_agree(monkeypatch):
+    """The two paths sum the same products in different orders: float64 results agree to rounding."""
+    feat = _feat((16, 32, 6, 3), torch.float64, seed=8)
+    pos_idx, neg_idx = reid_kernels.lba_pairs(2, 4, generator=torch.Generator().manual_seed(9))
+    fused, grad_fused = _run("fused", monkeypatch, feat, pos_idx, neg_idx)
+    other, grad_other = _run("per-partner", monkeypatch, feat, pos_idx, neg_idx)
+    for name in fused._fields:  # measured: 3e-15
+        torch.testing.assert_close(getattr(fused, name), getattr(other, name), rtol=0, atol=1e-12)
+    torch.testing.assert_close(grad_fused, grad_other, rtol=1e-11, atol=1e-11)  # measured: 5e-14
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_cpu_path_reduced_precision(monkeypatch, path):
+    """float16 / bfloat16: computed in float32 and rounded to the input dtype, on both paths (bounds of
+    test_cmalign.py's test_cmalign_reduced_precision_cpu: float16 recon 2e-3, bfloat16 2.5e-2)."""
+    pos_idx, neg_idx = reid_kernels.lba_pairs(2, 2, generator=torch.Generator().manual_seed(5))
+    feat = _feat((8, 16, 4, 3), torch.float32, seed=24)
+    for dtype, recon_tol, loss_tol in ((torch.float16, 2e-3, 6e-5), (torch.bfloat16, 2.5e-2, 5e-4)):
+        x = feat.to(dtype)
+        out, grad = _run(path, monkeypatch, x, pos_idx, neg_idx, temperature=10.0)
+        x32 = x.float().requires_grad_()
+        want = reference.cmalign(x32, pos_idx, neg_idx, temperature=10.0)
+        assert out.recon_pos.dtype == dtype and out.loss.dtype == dtype and grad.dtype == dtype
+        torch.testing.assert_close(out.recon_pos.float(), want.recon_pos, atol=recon_tol, rtol=0)
+        torch.testing.assert_close(out.loss.float(), want.loss, atol=loss_tol, rtol=0)
+        want_grad = _weighted_grad(want, x32, 7)
+        scale = want_grad.abs().max()
+        torch.testing.assert_close(grad.float() / scale, want_grad / scale, atol=4 * recon_tol, rtol=0)
+
+
+def test_fused_path_only_where_the_cache_fits(monkeypatch):
+    """Beyond the probability-cache cap the CPU keeps the per-partner (recomputing) path: memory as before."""
+    feat = _feat((4, 8, 3, 3), torch.float32, seed=10).requires_grad_()
+    pos_idx, neg_idx = torch.tensor([1, 0, 3, 2]), torch.tensor([2, 3, 0, 1])
+    monkeypatch.setenv("REID_KERNELS_SOFT_WARP_CACHE_BYTES", str(4 * 9 * 9 * 4 - 1))
+    out = reid_kernels.cmalign(feat, pos_idx, neg_idx)
+    assert _producer(out.recon_pos).startswith("_PartnerReconstructions")
+    monkeypatch.setenv("REID_KERNELS_SOFT_WARP_CACHE_BYTES", str(4 * 9 * 9 * 4))
+    out = reid_kernels.cmalign(feat, pos_idx, neg_idx)
+    assert _producer(out.recon_pos).startswith("_FusedPartnerReconstructions")
+
+
+def test_fused_path_only_for_small_volumes(monkeypatch):
+    """Past FUSED_MAX_VOLUME_BYTES of (2, N, L, L) the per-partner path runs (the fused backward's G
+    volume would raise the memory peak)."""
+    cm = sys.modules["reid_kernels.cmalign"]  # the package attribute `cmalign` is the function
+
+    feat = _feat((4, 8, 3, 3), torch.float32, seed=10).requires_grad_()
+    pos_idx, neg_idx = torch.tensor([1, 0, 3, 2]), torch.tensor([2, 3, 0, 1])
+    monkeypatch.setattr(cm, "FUSED_MAX_VOLUME_BYTES", 2 * 4 * 9 * 9 * 4 - 1)
+    assert _producer(reid_kernels.cmalign(feat, pos_idx, neg_idx).recon_pos).startswith("_PartnerReconstructions")
+    monkeypatch.setattr(cm, "FUSED_MAX_VOLUME_BYTES", 2 * 4 * 9 * 9 * 4)
+    assert _producer(reid_kernels.cmalign(feat, pos_idx, neg_idx).recon_pos).startswith("_Fused")
+
+
+def test_bad_path_variable_is_refused(monkeypatch):
+    monkeypatch.setenv(CPU_PATH_ENV, "fast")
+    feat = _feat((4, 8, 3, 3), torch.float32, seed=11)
+    with pytest.raises(ValueError, match=r"REID_KERNELS_CMALIGN_CPU_PATH: expected one of fused, per-partner, got 'fast'"):
+        reid_kernels.cmalign(feat, torch.tensor([1, 0, 3, 2]), torch.tensor([2, 3, 0, 1]))
+
+
+def test_fused_double_backward_is_refused():
+    feat = _feat((4, 8, 3, 3), torch.float64, seed=12).requires_grad_()
+    out = reid_kernels.cmalign(feat, torch.tensor([1, 0, 3, 2]), torch.tensor([2, 3, 0, 1]))
+    (grad,) = torch.autograd.grad(out.recon_pos.sum() + out.loss, feat, create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        grad.sum().backward()
+
+
+# ---------------------------------------------------------------------------
+# The operators themselves
+
+
+def _pairs_args(dtype=torch.float64, n=4, c=5, l=6):
+    x = _feat((n, c, l), dtype, seed=13)
+    mask = reid_kernels.person_mask(x.view(n, c, 2, l // 2)).view(n, l)
+    return x, mask, torch.tensor([1, 0, 3, 2]), torch.tensor([2, 2, 0, 1])
+
+
+def test_opcheck_cmalign_pairs():
+    x, mask, pos_idx, neg_idx = _pairs_args()
+    torch.library.opcheck(torch.ops.reid_kernels.cmalign_pairs_fwd.default, (x, mask, pos_idx, neg_idx, 5.0))
+    _, _, _, probs = torch.ops.reid_kernels.cmalign_pairs_fwd(x, mask, pos_idx, neg_idx, 5.0)
+    grads = (torch.randn_like(x), torch.randn_like(x))
+    torch.library.opcheck(torch.ops.reid_kernels.cmalign_pairs_bwd.default,
+                          (*grads, x, mask, pos_idx, neg_idx, probs, 5.0))
+
+
+def test_cmalign_pairs_outputs():
+    """recon = x + m (W - x) with W the soft warp (eq. 4), warped mask = P @ mask of the positive partner,
+    probs = the soft_warp probabilities of both partners."""
+    x, mask, pos_idx, neg_idx = _pairs_args()
+    recon_pos, recon_neg, warped_mask, probs = torch.ops.reid_kernels.cmalign_pairs_fwd(x, mask, pos_idx, neg_idx, 5.0)
+    for part, (recon, idx) in enumerate(((recon_pos, pos_idx), (recon_neg, neg_idx))):
+        warp, _, p = torch.ops.reid_kernels.soft_warp_fwd(x, x[idx].contiguous(), x[idx].contiguous(), 5.0)
+        torch.testing.assert_close(probs[part], p, rtol=0, atol=1e-14)
+        torch.testing.assert_close(recon, x + mask.unsqueeze(1) * (warp - x), rtol=0, atol=1e-14)
+    torch.testing.assert_close(warped_mask, torch.bmm(probs[0], mask[pos_idx].unsqueeze(2)).squeeze(2),
+                               rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("which", ["pos_idx", "neg_idx"])
+def test_cmalign_pairs_refuses_bad_indices(which):
+    x, mask, pos_idx, neg_idx = _pairs_args()
+    args = {"pos_idx": pos_idx, "neg_idx": neg_idx}
+    args[which] = torch.tensor([0, 1, 4, 0])
+    with pytest.raises(RuntimeError, match=rf"{which}: expected values in \[0, 4\), got 4 at 2"):
+        torch.ops.reid_kernels.cmalign_pairs_fwd(x, mask, args["pos_idx"], args["neg_idx"], 5.0)
+    args[which] = torch.tensor([0, 1, 2, 0], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=rf"{which}: expected a contiguous int64 CPU tensor of shape \(4,\)"):
+        torch.ops.reid_kernels.cmalign_pairs_fwd(x, mask, args["pos_idx"], args["neg_idx"], 5.0)
+
+
+def test_cmalign_pairs_refuses_bad_mask_and_probs():
+    x, mask, pos_idx, neg_idx = _pairs_args()
+    with pytest.raises(RuntimeError, match=r"mask: expected shape \(4, 6\), got \[4, 5\]"):
+        torch.ops.reid_kernels.cmalign_pairs_fwd(x, mask[:, :5], pos_idx, neg_idx, 5.0)
+    with pytest.raises(RuntimeError, match=r"mask: expected a contiguous CPU tensor of dtype Double"):
+        torch.ops.reid_kernels.cmalign_pairs_fwd(x, mask.float(), pos_idx, neg_idx, 5.0)
+    g = torch.zeros_like(x)
+    with pytest.raises(RuntimeError, match=r"probs: expected a contiguous Double CPU tensor of shape \(2, 4, 6, 6\)"):
+        torch.ops.reid_kernels.cmalign_pairs_bwd(g, g, x, mask, pos_idx, neg_idx, torch.zeros(4, 6, 6,
+                                                 dtype=torch.float64), 5.0)
+    with pytest.raises(RuntimeError, match=r"temperature: expected a finite value > 0"):
+        torch.ops.reid_kernels.cmalign_pairs_fwd(x, mask, pos_idx, neg_idx, float("nan"))
+
+
+# ---------------------------------------------------------------------------
+# Phase timers and the FMA peak (what benchmarks/profile_cmalign.py and bench_cmalign.py read)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_phase_timers_count_the_model_flops(monkeypatch, path):
+    """With REID_KERNELS_CMALIGN_PROFILE=1 the matrix-product FLOPs credited to the phases add up to
+    24 N C L^2 per forward + backward (6 products of 2 C L^2 per anchor and partner); off, nothing."""
+    n, c, l = 8, 16, 12
+    feat = _feat((n, c, 4, 3), torch.float32, seed=14)
+    pos_idx, neg_idx = reid_kernels.lba_pairs(2, 2, generator=torch.Generator().manual_seed(15))
+    torch.ops.reid_kernels._cmalign_cpu_profile(True)
+    _run(path, monkeypatch, feat, pos_idx, neg_idx)
+    ns, flops = torch.ops.reid_kernels._cmalign_cpu_profile(True)
+    assert int(ns.sum()) == 0 and int(flops.sum()) == 0  # off by default
+    monkeypatch.setenv("REID_KERNELS_CMALIGN_PROFILE", "1")
+    _run(path, monkeypatch, feat, pos_idx, neg_idx)
+    ns, flops = torch.ops.reid_kernels._cmalign_cpu_profile(True)
+    names = torch.ops.reid_kernels._cmalign_cpu_phase_names()
+    assert len(names) == ns.numel() == flops.numel()
+    assert int(flops.sum()) == 24 * n * c * l * l
+    timed = {names[i] for i in range(len(names)) if int(ns[i]) > 0}
+    assert {"norms", "correlation", "softmax", "warp", "bwd_value_grad", "bwd_prob_grad", "bwd_softmax",
+            "bwd_query_grad", "bwd_key_grad", "bwd_normalize"} <= timed
+
+
+def test_fma_peak():
+    gflops, isa, num_threads = torch.ops.reid_kernels._cpu_fma_peak(100_000)
+    assert gflops > 0 and isa in ("avx2-fma", "sse2") and num_threads == torch.get_num_threads()
+    with pytest.raises(RuntimeError, match="iterations: expected a number > 0, got 0"):
+        torch.ops.reid_kernels._cpu_fma_peak(0)
