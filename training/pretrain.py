@@ -4,8 +4,9 @@
 
 Every seed paper starts from an ImageNet-pretrained ResNet-50; the synthetic demo would otherwise
 start from a random initialisation. This stage trains the demo's backbone as an identity
-classifier (the ID loss only, one shared stem, visible and infrared images) on a synthetic set of
-its own -- another generator seed, so other people than the demo's, and more of them -- and writes
+classifier (LbA's baseline losses: cross-entropy and the batch-hard triplet; one shared stem;
+visible and infrared images) on a synthetic set of its own -- another generator seed, so other
+people than the demo's, and more of them -- and writes
 ``<out>/backbone.pth``: a torchvision-format ResNet state dict (``conv1``, ``bn1``, ``layer1-4``)
 that ``--pretrained`` / ``model.pretrained`` loads into every stem and the shared layers of any
 backbone variant, exactly as it loads ImageNet weights.
