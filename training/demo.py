@@ -11,7 +11,8 @@ initialisation), mean ± std over seeds.
 
 1. generates a synthetic VI-ReID set (SYSU-MM01 layout, :mod:`training.synth`) in
    ``<out>/data`` (deterministic from ``--data-seed``; reused when already there);
-2. trains, from scratch on the CPU, the rows of LbA's Table 3 ablation with the same seeds:
+2. trains on the CPU, from scratch (or, with ``--pretrain DIR``, from the backbone
+   :mod:`training.pretrain` trained on a separate synthetic set), the rows of LbA's Table 3 ablation with the same seeds:
    baseline (ID loss only), +IC (ID-consistency), +IC+DT (full LbA: dense triplet with
    co-attention, CMAlign at layer3 and layer4); the untrained network is evaluated too,
    as the floor;
@@ -199,6 +200,12 @@ def run_demo(out: str, rows=None, config: str = "lba_synth", overrides: Optional
     return {"runs": runs, "table": table, "figure": figure, "total_seconds": total}
 
 
+def start_of(cfg) -> str:
+    """Where the rows' backbone starts: a random initialisation, or a pretrained file."""
+    path = cfg["model"]["pretrained"]
+    return f"from the backbone pretrained in {os.path.dirname(path) or '.'}" if path else "from scratch"
+
+
 def format_table(runs, cfg, seeds, total: float, data_seconds: float,
                  setting: Optional[Dict[str, object]] = None) -> str:
     """One line per row: mean (and std over training seeds when there are several), time per run;
@@ -208,7 +215,7 @@ def format_table(runs, cfg, seeds, total: float, data_seconds: float,
     lines = [
         f"Synthetic VI-ReID ({s['ids']} ids, {s['test_ids']} held out; IR query -> visible gallery, all-search "
         f"single-shot, mean of {cfg['eval']['trials']} gallery draws), {cfg['data']['height']}x{cfg['data']['width']}, "
-        f"ResNet-{cfg['model']['depth']} width {cfg['model']['width']} from scratch, {cfg['train']['epochs']} epochs, "
+        f"ResNet-{cfg['model']['depth']} width {cfg['model']['width']} {start_of(cfg)}, {cfg['train']['epochs']} epochs, "
         f"training seed{'s' if several else ''} {', '.join(map(str, seeds))} (same for every row), "
         f"{torch.get_num_threads()} thread(s)",
         "",
