@@ -11,7 +11,8 @@ initialisation), mean ± std over seeds.
 
 1. generates a synthetic VI-ReID set (SYSU-MM01 layout, :mod:`training.synth`) in
    ``<out>/data`` (deterministic from ``--data-seed``; reused when already there);
-2. trains, from scratch on the CPU, the rows of LbA's Table 3 ablation with the same seeds:
+2. trains on the CPU, from scratch (or, with ``--pretrain DIR``, from the backbone
+   :mod:`training.pretrain` trained on a separate synthetic set), the rows of LbA's Table 3 ablation with the same seeds:
    baseline (ID loss only), +IC (ID-consistency), +IC+DT (full LbA: dense triplet with
    co-attention, CMAlign at layer3 and layer4); the untrained network is evaluated too,
    as the floor;
@@ -155,12 +156,14 @@ def run_demo(out: str, rows=None, config: str = "lba_synth", overrides: Optional
         torch.manual_seed(seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            untrained = build_model(dict(cfg0, model=dict(cfg0["model"], pretrained=None)), num_classes)
+            # with model.pretrained, the floor is the pretrained network before any fine-tuning
+            untrained = build_model(cfg0, num_classes, log=lambda *_: None)
         t = time.time()
         floor = evaluate(untrained, root, cfg0)["summary"]
-        runs.append({"row": "untrained network", "key": "untrained", "seed": seed, **floor,
+        floor_name = "pretrained network, not fine-tuned" if cfg0["model"]["pretrained"] else "untrained network"
+        runs.append({"row": floor_name, "key": "untrained", "seed": seed, **floor,
                      "seconds": time.time() - t})
-        log(f"[seed {seed}] untrained network: mAP {100 * floor['mAP']:.2f}")
+        log(f"[seed {seed}] {floor_name}: mAP {100 * floor['mAP']:.2f}")
         for key in rows:
             name, switches = table_rows[key]
             cfg = load_config(config, overrides or [], updates={**base_updates, **switches, "seed": seed})
@@ -197,6 +200,12 @@ def run_demo(out: str, rows=None, config: str = "lba_synth", overrides: Optional
     return {"runs": runs, "table": table, "figure": figure, "total_seconds": total}
 
 
+def start_of(cfg) -> str:
+    """Where the rows' backbone starts: a random initialisation, or a pretrained file."""
+    path = cfg["model"]["pretrained"]
+    return f"from the backbone pretrained in {os.path.dirname(path) or '.'}" if path else "from scratch"
+
+
 def format_table(runs, cfg, seeds, total: float, data_seconds: float,
                  setting: Optional[Dict[str, object]] = None) -> str:
     """One line per row: mean (and std over training seeds when there are several), time per run;
@@ -206,7 +215,7 @@ def format_table(runs, cfg, seeds, total: float, data_seconds: float,
     lines = [
         f"Synthetic VI-ReID ({s['ids']} ids, {s['test_ids']} held out; IR query -> visible gallery, all-search "
         f"single-shot, mean of {cfg['eval']['trials']} gallery draws), {cfg['data']['height']}x{cfg['data']['width']}, "
-        f"ResNet-{cfg['model']['depth']} width {cfg['model']['width']} from scratch, {cfg['train']['epochs']} epochs, "
+        f"ResNet-{cfg['model']['depth']} width {cfg['model']['width']} {start_of(cfg)}, {cfg['train']['epochs']} epochs, "
         f"training seed{'s' if several else ''} {', '.join(map(str, seeds))} (same for every row), "
         f"{torch.get_num_threads()} thread(s)",
         "",
@@ -262,6 +271,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .reproducible import add_argument as add_reproducible_flag
     from .data import DatasetError
     from .engine.checkpoint import CheckpointError
+    from .pretrain import PretrainError, backbone_for_demo
 
     parser = cli_parser("demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/demo", help="a new or empty folder, or an earlier demo's")
@@ -277,6 +287,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="comma-separated training seeds (same for every row); several give mean ± std")
     parser.add_argument("--data-seed", type=int, default=None, help="synthetic data seed")
     parser.add_argument("--no-figure", action="store_true")
+    parser.add_argument("--pretrain", default=None, metavar="DIR",
+                        help="start every row from the backbone pretrained on a separate synthetic set "
+                             "(python -m training.pretrain --out DIR; trained there first unless cached)")
     add_reproducible_flag(parser)
     parser.add_argument("overrides", nargs="*", help="config overrides key=value for every row")
     args = parser.parse_intermixed_args(argv)
@@ -298,6 +311,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
 
     def run_and_report() -> int:
+        if args.pretrain:
+            updates["model.pretrained"] = backbone_for_demo(
+                args.pretrain, updates={"train.threads": args.threads} if args.threads else None)
         result = run_demo(args.out, rows, args.config, args.overrides, updates, visualise=not args.no_figure,
                           seeds=seeds)
         print()
@@ -306,7 +322,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"correspondence figure: {result['figure']}")
         return 0
 
-    return one_line_failures(run_and_report, (CheckpointError, DatasetError, DemoError))
+    return one_line_failures(run_and_report, (CheckpointError, DatasetError, DemoError, PretrainError))
 
 
 if __name__ == "__main__":
