@@ -129,7 +129,8 @@ def _packages():
 
 
 # The console commands (training/commands.py); same arguments as `python -m training.<module>`.
-COMMANDS = [f"reid-{name} = {TRAINING}.commands:{name}" for name in ("train", "evaluate", "demo", "synth", "visualize")]
+COMMANDS = [f"reid-{name} = {TRAINING}.commands:{name}" for name in ("train", "evaluate", "demo", "synth", "visualize",
+                                                                    "pretrain", "index", "search", "export")]
 
 setup(
     name="reid_kernels",

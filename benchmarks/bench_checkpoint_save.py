@@ -26,10 +26,10 @@ sys.path.insert(0, os.path.dirname(HERE))  # the repository root: the `training`
 import _common  # noqa: E402
 import torch  # noqa: E402
 
-from training.config import load_config  # noqa: E402
-from training.engine.checkpoint import FORMAT, atomic_save, rng_state, seal  # noqa: E402
-from training.engine.schedule import build_optimizer  # noqa: E402
-from training.recipes import build_model  # noqa: E402
+from reid_kernels.training.config import load_config  # noqa: E402
+from reid_kernels.training.engine.checkpoint import FORMAT, atomic_save, rng_state, seal  # noqa: E402
+from reid_kernels.training.engine.schedule import build_optimizer  # noqa: E402
+from reid_kernels.training.recipes import build_model  # noqa: E402
 
 CASES = {"demo": ("lba_synth", 80), "paper": ("lba_sysu", 395)}
 

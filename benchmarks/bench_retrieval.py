@@ -468,7 +468,7 @@ def case_scale(args) -> List[Dict[str, object]]:
     from reid_kernels.retrieval import GalleryIndex
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from training.gallery import index_parameters  # the index command's own parameters
+    from reid_kernels.training.gallery import index_parameters  # the index command's own parameters
 
     sizes, dims, num_q = SCALE_SIZES, tuple(int(d) for d in args.scale_dims.split(",")), SCALE_QUERIES
     step_cap, run_cap = SCALE_STEP_CAP_S, SCALE_RUN_CAP_S

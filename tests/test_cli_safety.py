@@ -83,7 +83,7 @@ def test_overrides_anywhere_and_after_resume(tmp_path, synth_root, capsys):
 def test_resume_with_another_process_count_is_one_line(tmp_path, synth_root, capsys):
     import torch
 
-    from training.engine.checkpoint import seal
+    from reid_kernels.training.engine.checkpoint import seal
 
     out = str(tmp_path / "run")
     args = ["--config", "lba_synth", "--data-root", synth_root, "--out", out, *SMALL]

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from training.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from training.export import main as export_main
-from training.index import load_model
-from training.synth import SynthConfig, generate
+from reid_kernels.training.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from reid_kernels.training.export import main as export_main
+from reid_kernels.training.index import load_model
+from reid_kernels.training.synth import SynthConfig, generate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["data.height=32", "data.width=16", "data.pad=2", "model.width=8", "train.epochs=1",
@@ -78,7 +78,7 @@ np.savez({result!r}, features=features, modalities=np.array(json.loads(meta["mod
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from training.train import main as train_main
+    from reid_kernels.training.train import main as train_main
 
     base = tmp_path_factory.mktemp("export")
     root = str(base / "synth")

@@ -13,11 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from training import gallery
-from training.index import extract_records, load_model
-from training.index import main as index_main
-from training.search import main as search_main
-from training.synth import SynthConfig, generate
+from reid_kernels.training import gallery
+from reid_kernels.training.index import extract_records, load_model
+from reid_kernels.training.index import main as index_main
+from reid_kernels.training.search import main as search_main
+from reid_kernels.training.synth import SynthConfig, generate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["data.height=32", "data.width=16", "data.pad=2", "model.width=8", "train.epochs=1",
@@ -28,7 +28,7 @@ SMALL = ["data.height=32", "data.width=16", "data.pad=2", "model.width=8", "trai
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A 12-identity synthetic SYSU-layout tree (94 images of 32x16) and a one-step checkpoint."""
-    from training.train import main as train_main
+    from reid_kernels.training.train import main as train_main
 
     base = tmp_path_factory.mktemp("retrieval")
     root = str(base / "synth")
@@ -192,13 +192,13 @@ def _digest(folder):
 KILLABLE = """
 import sys, time
 sys.path.insert(0, {repo!r})
-from training import gallery
+from reid_kernels.training import gallery
 write = gallery.write_shard
 def slow_write(*args):
     write(*args)
     time.sleep(30)  # the parent kills us here, after the first shard is on disk
 gallery.write_shard = slow_write
-from training.index import main
+from reid_kernels.training.index import main
 sys.exit(main({argv!r}))
 """
 

@@ -29,7 +29,8 @@ import torch
 install = pytest.mark.install
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMMANDS = ("reid-train", "reid-evaluate", "reid-demo", "reid-synth", "reid-visualize")
+COMMANDS = ("reid-train", "reid-evaluate", "reid-demo", "reid-synth", "reid-visualize", "reid-pretrain", "reid-index",
+            "reid-search", "reid-export")
 
 
 def _run(cmd, cwd, env=None, timeout=900, check=True):

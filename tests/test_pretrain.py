@@ -8,9 +8,9 @@ import warnings
 import pytest
 import torch
 
-from training.config import load_config
-from training.models import build_model
-from training.pretrain import BACKBONE, MANIFEST, PretrainError, main, pretrain, torchvision_state_dict
+from reid_kernels.training.config import load_config
+from reid_kernels.training.models import build_model
+from reid_kernels.training.pretrain import BACKBONE, MANIFEST, PretrainError, main, pretrain, torchvision_state_dict
 
 # A tiny pretraining: 16 identities (4 held out) of 32x16 images, width 8, one epoch of 3 steps.
 TINY = ["data.height=32", "data.width=16", "data.pad=2", "data.synth.ids=16", "data.synth.test_ids=4",
@@ -140,7 +140,7 @@ def test_other_settings_and_foreign_folders_are_refused(pretrained, tmp_path, ca
 
 @pytest.mark.slow
 def test_demo_starts_every_row_from_the_cached_backbone(pretrained, tmp_path, capsys):
-    from training.demo import main as demo_main
+    from reid_kernels.training.demo import main as demo_main
 
     out, _ = pretrained
     demo_out = tmp_path / "demo"

@@ -16,9 +16,9 @@ import torch
 import yaml
 from train_helpers import tiny_synth
 
-from training.engine import checkpoint as ck
-from training.engine import durable
-from training.train import main as train_main
+from reid_kernels.training.engine import checkpoint as ck
+from reid_kernels.training.engine import durable
+from reid_kernels.training.train import main as train_main
 
 SMALL = ["data.height=32", "data.width=16", "data.pad=2", "model.width=8", "train.epochs=1",
          "train.max_steps_per_epoch=1", "train.progress=false", "eval.final=false", "train.tensorboard=false"]
@@ -108,7 +108,7 @@ def test_resume_keeps_the_stored_switch_refuses_a_change_and_records_a_forced_on
 def test_the_trainer_api_refuses_a_change_too(synth_root, tmp_path):
     from train_helpers import make_trainer, small_config
 
-    from training.config import ConfigError
+    from reid_kernels.training.config import ConfigError
 
     cfg = small_config("lba_synth", synth_root, str(tmp_path / "run"), **{"train.max_steps_per_epoch": 1,
                                                                           "train.epochs": 1})
@@ -131,7 +131,7 @@ def test_resume_with_another_recipe_or_model_is_one_line(finished_run, synth_roo
                   capsys, out, "holds another model", "other shapes: ")
     assert "visible_stem.conv1.weight 8x3x7x7 (model 16x3x7x7)" in err and " more)" in err
     # evaluate reads a tampered model the same way: one line, not a state-dict traceback
-    from training.evaluate import main as evaluate_main
+    from reid_kernels.training.evaluate import main as evaluate_main
 
     state = torch.load(out / "final.pt", weights_only=False)
     state["model"] = {k: v for k, v in state["model"].items() if "layer4" not in k}
@@ -142,7 +142,7 @@ def test_resume_with_another_recipe_or_model_is_one_line(finished_run, synth_roo
 
 
 def test_another_class_count_and_another_folder_holding_a_run(finished_run, synth_root, tmp_path, capsys):
-    from training.synth import SynthConfig, generate
+    from reid_kernels.training.synth import SynthConfig, generate
 
     out = copy_run(finished_run, tmp_path)
     other = tmp_path / "fewer_ids"  # 18 training identities instead of 20
@@ -221,7 +221,7 @@ def test_another_toolkit_version_and_checkpoints_from_before_the_version_field(f
 
 @pytest.mark.parametrize("damage", ["truncated", "flipped", "version", "recipe", "model"])
 def test_checkpoint_errors_come_before_any_dataset_work(damage, finished_run, tmp_path, capsys, monkeypatch):
-    import training.engine.loop as loop
+    import reid_kernels.training.engine.loop as loop
 
     out = copy_run(finished_run, tmp_path)
     last = out / "last.pt"

@@ -21,7 +21,7 @@ from . import reproducible
 from .cli import set_prog
 
 # Modules whose __main__ pins the reproducible CPU setting before torch loads.
-PINNING = ("train", "evaluate", "demo")
+PINNING = ("train", "evaluate", "demo", "pretrain")
 
 
 def _needs_restart(module: str, argv: List[str]) -> bool:
@@ -63,3 +63,19 @@ def synth() -> int:
 
 def visualize() -> int:
     return run("visualize", "reid-visualize")
+
+
+def pretrain() -> int:
+    return run("pretrain", "reid-pretrain")
+
+
+def index() -> int:
+    return run("index", "reid-index")
+
+
+def search() -> int:
+    return run("search", "reid-search")
+
+
+def export() -> int:
+    return run("export", "reid-export")
