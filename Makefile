@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.reid_kernels-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 
-.PHONY: install demo test bench docs cuda-check gpu-check gpu-check-dry clean
+.PHONY: install demo pretrain demo-pretrained test bench docs cuda-check gpu-check gpu-check-dry clean
 
 install: $(STAMP)
 
@@ -27,6 +27,14 @@ $(STAMP): $(SOURCES)
 DEMO_ARGS ?=
 demo: install
 	$(BIN)/python -m training.demo $(DEMO_ARGS)
+
+# The demo from a backbone pretrained on a separate synthetic set (training/pretrain.py; about 4
+# minutes on one core, cached in runs/pretrain: a second call reuses it), then the LbA rows.
+pretrain: install
+	$(BIN)/python -m training.pretrain --out runs/pretrain
+
+demo-pretrained: pretrain
+	$(BIN)/python -m training.demo --out runs/demo_pretrained --pretrain runs/pretrain $(DEMO_ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q tests
