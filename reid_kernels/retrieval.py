@@ -189,6 +189,18 @@ class SearchResult(NamedTuple):
     ids: np.ndarray
 
 
+def _fsync_folder(folder: str) -> None:
+    """``fsync`` a folder so a rename inside it is on disk (skipped where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class GalleryIndex:
     """A searchable gallery of L2-normalised embeddings with metadata.
 
@@ -552,7 +564,8 @@ class GalleryIndex:
         }
 
     def save(self, path: Union[str, os.PathLike]) -> None:
-        """Write index + metadata to one ``.npz`` file atomically (temp file, then rename)."""
+        """Write index + metadata to one ``.npz`` file atomically and durably (temp file, ``fsync``,
+        rename, ``fsync`` of the folder)."""
         path = os.fspath(path)
         arrays = {
             "config": np.frombuffer(json.dumps(self._config()).encode(), dtype=np.uint8),
@@ -575,6 +588,7 @@ class GalleryIndex:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
+        _fsync_folder(directory)  # the rename itself on disk: survives a power cut, not only a crash
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], *, device: Optional[str] = None) -> "GalleryIndex":

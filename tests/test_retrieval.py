@@ -276,3 +276,28 @@ def _write(fa, db, tmp_path):
     path = str(tmp_path / "flat.faiss")
     fa.write_index(index.faiss_index, path)
     return path
+
+
+def test_save_is_durable_fsync_of_file_then_folder(tmp_path, monkeypatch):
+    """``GalleryIndex.save`` syncs the temporary file before the rename and the folder after it
+    (a rename without the folder's fsync can be lost in a power cut)."""
+    import os
+
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        calls.append(("fsync", os.path.isdir(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        calls.append(("replace", None))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    index = GalleryIndex(16, "flat", backend="torch", device="cpu")
+    index.add(clustered(20, seed=3), pids=np.arange(20))
+    index.save(tmp_path / "g.npz")
+    assert calls == [("fsync", False), ("replace", None), ("fsync", True)]
+    assert len(GalleryIndex.load(tmp_path / "g.npz")) == 20
