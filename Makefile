@@ -18,7 +18,7 @@ $(STAMP): $(SOURCES)
 	# Pinned: an unpinned torch would make pip pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
 	# No build isolation: build against the torch installed above.
-	$(BIN)/python -m pip install -q --no-build-isolation -e '.[test,faiss]'
+	$(BIN)/python -m pip install -q --no-build-isolation -e '.[test,faiss,onnx]'
 	touch $@
 
 # The demo runs with the reproducible CPU setting (training/reproducible.py: torch's CPU kernels

@@ -143,7 +143,7 @@ setup(
     entry_points={"console_scripts": COMMANDS},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "scipy", "pyyaml", "tqdm", "pillow"],
-    extras_require={"test": ["pytest"], "faiss": ["faiss-cpu"], "docs": ["pdoc"]},
+    extras_require={"test": ["pytest"], "faiss": ["faiss-cpu"], "onnx": ["onnx", "onnxruntime"], "docs": ["pdoc"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)},
     zip_safe=False,

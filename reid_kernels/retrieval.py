@@ -28,6 +28,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from ._files import fsync_folder
 from ._ties import expand_copies, identical_rows, stable_smallest
 from ._validate import check_bool, check_int
 
@@ -187,18 +188,6 @@ class SearchResult(NamedTuple):
 
     scores: np.ndarray
     ids: np.ndarray
-
-
-def _fsync_folder(folder: str) -> None:
-    """``fsync`` a folder so a rename inside it is on disk (skipped where folders cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class GalleryIndex:
@@ -588,7 +577,7 @@ class GalleryIndex:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
-        _fsync_folder(directory)  # the rename itself on disk: survives a power cut, not only a crash
+        fsync_folder(directory)  # the rename itself on disk: survives a power cut, not only a crash
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], *, device: Optional[str] = None) -> "GalleryIndex":

@@ -1,17 +1,14 @@
 """The training CLI never writes over a user's files and refuses bad input in one line (part of the
 application-safety work: data roots, finished runs, --pretrained, overrides, numbers, stale temporaries)."""
-import hashlib
 import os
-import warnings
 
 import pytest
-from train_helpers import tiny_synth
+from train_helpers import CLI_SMALL, folder_digest, run_train_cli, tiny_synth
 
 from reid_kernels.training.config import ConfigError, load_config
 from reid_kernels.training.train import main as train_main
 
-SMALL = ["data.height=32", "data.width=16", "data.pad=2", "model.width=8", "train.epochs=1",
-         "train.max_steps_per_epoch=1", "train.progress=false", "eval.final=false", "train.tensorboard=false"]
+SMALL = CLI_SMALL
 
 
 @pytest.fixture(scope="module")
@@ -19,20 +16,7 @@ def synth_root(tmp_path_factory):
     return tiny_synth(tmp_path_factory, "synth_cli", seed=3)
 
 
-def digest(folder) -> dict:
-    out = {}
-    for root, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(root, name)
-            out[os.path.relpath(path, folder)] = hashlib.sha1(open(path, "rb").read()).hexdigest()
-    return out
-
-
-def run(args, capsys):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        code = train_main(args)
-    return code, capsys.readouterr().err.strip()
+digest, run = folder_digest, run_train_cli
 
 
 def test_synthetic_data_is_never_generated_into_a_users_folder(tmp_path, capsys):

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from reid_kernels.training import gallery
+from reid_kernels.training.engine import checkpoint
 from reid_kernels.training.index import extract_records, load_model
 from reid_kernels.training.index import main as index_main
 from reid_kernels.training.search import main as search_main
@@ -264,7 +265,7 @@ def test_another_model_is_refused_naming_both(world, tmp_path, capsys):
     name = next(k for k, v in state["model"].items() if v.is_floating_point())
     state["model"][name] = state["model"][name] + 0.01
     other = str(tmp_path / "other.pt")
-    torch.save(state, other)
+    torch.save(checkpoint.seal(state), other)  # a valid checkpoint of another model (fresh digest)
     before = _digest(world["index"])
     assert index_main(["--checkpoint", other, "--images", world["root"], "--out", world["index"], "--add"]) == 2
     err = capsys.readouterr().err.strip()

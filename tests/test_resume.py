@@ -2,7 +2,6 @@
 cannot change what is trained (``--resume-with-changes`` records the others), every checkpoint error
 one line naming the file and what is wrong, checked before any dataset work, and durable saves
 (``fsync`` of the temporary file before the rename and of the folder after it)."""
-import hashlib
 import json
 import os
 import shutil
@@ -14,14 +13,13 @@ import zipfile
 import pytest
 import torch
 import yaml
-from train_helpers import tiny_synth
+from train_helpers import CLI_SMALL, folder_digest, run_train_cli, tiny_synth
 
 from reid_kernels.training.engine import checkpoint as ck
 from reid_kernels.training.engine import durable
 from reid_kernels.training.train import main as train_main
 
-SMALL = ["data.height=32", "data.width=16", "data.pad=2", "model.width=8", "train.epochs=1",
-         "train.max_steps_per_epoch=1", "train.progress=false", "eval.final=false", "train.tensorboard=false"]
+SMALL = CLI_SMALL
 
 
 @pytest.fixture(scope="module")
@@ -29,20 +27,7 @@ def synth_root(tmp_path_factory):
     return tiny_synth(tmp_path_factory, "synth_resume", seed=5)
 
 
-def digest(folder) -> dict:
-    out = {}
-    for root, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(root, name)
-            out[os.path.relpath(path, folder)] = hashlib.sha1(open(path, "rb").read()).hexdigest()
-    return out
-
-
-def run(args, capsys):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        code = train_main(args)
-    return code, capsys.readouterr().err.strip()
+digest, run = folder_digest, run_train_cli
 
 
 def args_for(root, out, *extra, config="lba_synth"):

@@ -1,4 +1,6 @@
-"""Shared pieces of the recipe tests: a tiny synthetic set, small configs, trainers, resume runs."""
+"""Shared pieces of the recipe tests: a tiny synthetic set, small configs, trainers, resume runs,
+the train CLI at a tiny size."""
+import hashlib
 import json
 import os
 import warnings
@@ -8,6 +10,7 @@ import torch
 from reid_kernels.training.config import load_config
 from reid_kernels.training.engine.loop import Trainer
 from reid_kernels.training.synth import SynthConfig, generate
+from reid_kernels.training.train import main as train_main
 
 H, W = 32, 16
 
@@ -92,3 +95,27 @@ def cli_train_then_evaluate(config: str, root: str, tmp_path, evaluations=((),))
         assert evaluate_main(["--checkpoint", os.path.join(out, "final.pt"), "--json", str(path), *overrides]) == 0
         results.append(json.loads(path.read_text())["rows"])
     return results
+
+
+# The train CLI's overrides for a one-step run on tiny_synth's images.
+CLI_SMALL = ["data.height=32", "data.width=16", "data.pad=2", "model.width=8", "train.epochs=1",
+             "train.max_steps_per_epoch=1", "train.progress=false", "eval.final=false", "train.tensorboard=false"]
+
+
+def folder_digest(folder) -> dict:
+    """{relative path: SHA-1 of its bytes} of every file under ``folder``: "nothing changed" checks."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            out[os.path.relpath(path, folder)] = hashlib.sha1(open(path, "rb").read()).hexdigest()
+    return out
+
+
+def run_train_cli(args, capsys):
+    """``python -m training.train ARGS`` in-process: (exit status, stderr stripped)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = train_main(args)
+    return code, capsys.readouterr().err.strip()
+

@@ -22,7 +22,6 @@ the index, so a folder with ``state: extracting`` is an interrupted run the next
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 import os
@@ -31,7 +30,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence
 import numpy as np
 
 from .data import DatasetError
-from .engine.durable import atomic_write, atomic_write_text
+from .engine.durable import atomic_write, atomic_write_text, file_sha256
 
 FORMAT = "reid_kernels.index/1"
 MANIFEST = "manifest.json"
@@ -213,12 +212,7 @@ def modality_from_layout(path: str) -> Optional[str]:
 
 
 # ---------------------------------------------------------------------------------- INDEX_DIR
-def sha256_of(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+sha256_of = file_sha256  # the checkpoint's identity in INDEX_DIR
 
 
 def read_manifest(index_dir: str, what: str = "--index") -> dict:

@@ -35,6 +35,7 @@ from typing import Dict, List, Optional
 import torch
 
 from . import reproducible
+from .engine.durable import atomic_write, atomic_write_text, file_sha256
 
 BACKBONE = "backbone.pth"
 MANIFEST = "backbone.json"
@@ -66,14 +67,6 @@ def settings_digest(cfg: dict) -> str:
     relevant = {k: v for k, v in cfg.items() if k != "out"}
     relevant["data"] = {k: v for k, v in cfg["data"].items() if k != "root"}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_out_folder(out: str) -> None:
@@ -124,7 +117,6 @@ def pretrain(out: str = "runs/pretrain", config: str = "pretrain_synth", overrid
     """The pretrained backbone of these settings in ``out``: reused when cached, trained otherwise.
     Returns ``{"path", "cached", "seconds", "manifest"}``."""
     from .config import load_config
-    from .engine.durable import atomic_write, atomic_write_text
     from .engine.loop import Trainer
 
     check_out_folder(out)

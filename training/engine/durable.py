@@ -12,21 +12,20 @@ Everything in the training application that writes a file a later run reads back
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Callable
 
+from reid_kernels._files import fsync_folder  # noqa: F401 (re-exported)
 
-def fsync_folder(folder: str) -> None:
-    """``fsync`` a folder, so a rename or a new file inside it is on disk (a no-op where folders
-    cannot be opened, as on Windows)."""
-    try:
-        fd = os.open(folder or ".", os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+
+def file_sha256(path: str) -> str:
+    """The SHA-256 of a file's content (hex), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
