@@ -153,5 +153,6 @@ def test_demo_starts_every_row_from_the_cached_backbone(pretrained, tmp_path, ca
     assert os.stat(os.path.join(out, BACKBONE)).st_mtime_ns == before
     results = json.load(open(demo_out / "results.json"))
     assert results["runs"][0]["row"] == "pretrained network, not fine-tuned"
+    assert f"from the backbone pretrained in {out}," in open(demo_out / "results.md").read()
     log = open(demo_out / "baseline_seed0" / "train.log").read()
     assert f"{out}/{BACKBONE}" in log

@@ -202,7 +202,7 @@ def run_demo(out: str, rows=None, config: str = "lba_synth", overrides: Optional
 
 def start_of(cfg) -> str:
     """Where the rows' backbone starts: a random initialisation, or a pretrained file."""
-    path = cfg["model"]["pretrained"]
+    path = cfg["model"].get("pretrained")
     return f"from the backbone pretrained in {os.path.dirname(path) or '.'}" if path else "from scratch"
 
 
