@@ -58,12 +58,27 @@ std::vector<std::string> cmalign_cpu_phase_names() {
 // ---------------------------------------------------------------------------
 // FMA peak: a register-resident loop of independent fused multiply-adds (12 chains, more than
 // latency x throughput of current cores, so the FMA units never wait), float32, on every thread
-// of ATen's pool at once.  AVX2+FMA when the CPU has them (8 lanes, 2 FLOPs per lane), else SSE2
-// multiply + add (4 lanes).  The benchmarks report achieved GFLOP/s as a fraction of this.
+// of ATen's pool at once, in the widest instruction set the CPU has: AVX-512F (16 lanes, 2 FLOPs
+// per lane; what MKL's sgemm runs on such a CPU, so an AVX2 loop would understate the peak by
+// about half there), else AVX2+FMA (8 lanes), else SSE2 multiply + add (4 lanes).  The benchmarks
+// report achieved GFLOP/s as a fraction of this.
 
 constexpr int kChains = 12;
 
 #ifdef REID_X86
+__attribute__((target("avx512f"))) float fma_loop_avx512(int64_t iterations) {
+  __m512 acc[kChains];
+  const __m512 a = _mm512_set1_ps(0.999f), b = _mm512_set1_ps(1e-3f);
+  for (int i = 0; i < kChains; ++i) acc[i] = _mm512_set1_ps(static_cast<float>(i));
+  for (int64_t it = 0; it < iterations; ++it) {
+#pragma GCC unroll 12
+    for (int i = 0; i < kChains; ++i) acc[i] = _mm512_fmadd_ps(acc[i], a, b);
+  }
+  __m512 sum = acc[0];
+  for (int i = 1; i < kChains; ++i) sum = _mm512_add_ps(sum, acc[i]);
+  return _mm512_reduce_add_ps(sum);
+}
+
 __attribute__((target("avx2,fma"))) float fma_loop_avx2(int64_t iterations) {
   __m256 acc[kChains];
   const __m256 a = _mm256_set1_ps(0.999f), b = _mm256_set1_ps(1e-3f);
@@ -99,19 +114,26 @@ float fma_loop_sse2(int64_t iterations) {
 std::tuple<double, std::string, int64_t> cpu_fma_peak(int64_t iterations) {
   TORCH_CHECK(iterations > 0, "iterations: expected a number > 0, got ", iterations);
 #ifdef REID_X86
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const double flops_per_iteration = kChains * (avx2 ? 16.0 : 8.0);
+  enum class Isa { kAvx512, kAvx2, kSse2 };
+  const Isa isa = __builtin_cpu_supports("avx512f")                               ? Isa::kAvx512
+                  : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? Isa::kAvx2
+                                                                                    : Isa::kSse2;
+  const double flops_per_iteration = kChains * (isa == Isa::kAvx512 ? 32.0 : isa == Isa::kAvx2 ? 16.0 : 8.0);
   const int64_t threads = at::get_num_threads();
   std::vector<float> sink(threads);
+  const auto loop = [&](int64_t n) {
+    return isa == Isa::kAvx512 ? fma_loop_avx512(n) : isa == Isa::kAvx2 ? fma_loop_avx2(n) : fma_loop_sse2(n);
+  };
   const auto start = std::chrono::steady_clock::now();
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) sink[t] = avx2 ? fma_loop_avx2(iterations) : fma_loop_sse2(iterations);
+    for (int64_t t = begin; t < end; ++t) sink[t] = loop(iterations);
   });
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   float keep = 0;
   for (float s : sink) keep += s;
   TORCH_CHECK(keep == keep, "cpu_fma_peak: the loop produced NaN");  // uses the results
-  return {threads * iterations * flops_per_iteration / seconds / 1e9, avx2 ? "avx2-fma" : "sse2", threads};
+  const char* name = isa == Isa::kAvx512 ? "avx512f-fma" : isa == Isa::kAvx2 ? "avx2-fma" : "sse2";
+  return {threads * iterations * flops_per_iteration / seconds / 1e9, name, threads};
 #else
   TORCH_CHECK(false, "_cpu_fma_peak: only implemented on x86-64");
 #endif

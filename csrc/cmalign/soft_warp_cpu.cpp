@@ -40,11 +40,9 @@
 #include <string>
 #include <vector>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
-
 #include "cmalign/cpu_phase_timer.h"
+#include "cpu_buffers.h"
+#include "cpu_isa.h"
 #include "cmalign/soft_warp_common.h"
 #include "mutation.h"
 
@@ -160,6 +158,56 @@ int64_t rows_per_block(int64_t Lq, int64_t Lk) {
   return std::min(Lq, std::max(kMinBlockRows, kScratchElems / Lk));
 }
 
+// ---------------------------------------------------------------------------
+// Row kernels of the element-wise passes over (C, L) maps: one row of a column chunk each, on
+// pointers declared unaliased (without it the compiler leaves these loops scalar), run inside
+// with_cpu_isa (cpu_isa.h) so that they vectorise for the CPU's AVX2 / AVX-512.
+
+// acc[l] += x[l]^2
+template <typename T>
+inline void add_squares(const T* __restrict__ x, int64_t n, T* __restrict__ acc) {
+  for (int64_t l = 0; l < n; ++l) acc[l] += x[l] * x[l];
+}
+
+// dots[l] += x[l] * y[l], in double
+template <typename T>
+inline void add_products(const T* __restrict__ x, const T* __restrict__ y, int64_t n, double* __restrict__ dots) {
+  for (int64_t l = 0; l < n; ++l) dots[l] += static_cast<double>(x[l]) * y[l];
+}
+
+// y[l] -= coef[l] * x[l]
+template <typename T>
+inline void subtract_scaled(const T* __restrict__ coef, const T* __restrict__ x, int64_t n, T* __restrict__ y) {
+  for (int64_t l = 0; l < n; ++l) y[l] -= coef[l] * x[l];
+}
+
+// y[l] += a[l] - coef[l] * x[l]
+template <typename T>
+inline void add_radial_difference(const T* __restrict__ a, const T* __restrict__ coef, const T* __restrict__ x,
+                                  int64_t n, T* __restrict__ y) {
+  for (int64_t l = 0; l < n; ++l) y[l] += a[l] - coef[l] * x[l];
+}
+
+// y[l] = (y[l] - coef[l] * x[l]) + keep[l] * (p[l] + q[l])
+template <typename T>
+inline void radial_difference_plus_direct(const T* __restrict__ coef, const T* __restrict__ x,
+                                          const T* __restrict__ keep, const T* __restrict__ p,
+                                          const T* __restrict__ q, int64_t n, T* __restrict__ y) {
+  for (int64_t l = 0; l < n; ++l) y[l] = (y[l] - coef[l] * x[l]) + keep[l] * (p[l] + q[l]);
+}
+
+// out[l] = w[l] * x[l]  (w: per column)
+template <typename T>
+inline void scale_columns(const T* __restrict__ w, const T* __restrict__ x, int64_t n, T* __restrict__ out) {
+  for (int64_t l = 0; l < n; ++l) out[l] = w[l] * x[l];
+}
+
+// out[l] = w * x[l]
+template <typename T>
+inline void scale_row(T w, const T* __restrict__ x, int64_t n, T* __restrict__ out) {
+  for (int64_t l = 0; l < n; ++l) out[l] = w * x[l];
+}
+
 // inv[l] = 1 / max(||x[:, l]||, eps) for the `cols` columns of a (C, cols)
 // matrix with row stride `ld`.  radial[l] (when asked for) is inv[l]^2 where
 // the norm is not clamped and 0 where it is: the coefficient of the radial
@@ -172,10 +220,9 @@ void inverse_column_norms(const T* x, int64_t C, int64_t cols, int64_t ld, T* in
     const int64_t begin = chunk * kChunk, end = std::min(cols, begin + kChunk);
     T* acc = inv + begin;
     std::fill(acc, acc + (end - begin), T(0));
-    for (int64_t c = 0; c < C; ++c) {
-      const T* row = x + c * ld + begin;
-      for (int64_t l = 0; l < end - begin; ++l) acc[l] += row[l] * row[l];
-    }
+    with_cpu_isa([&] {
+      for (int64_t c = 0; c < C; ++c) add_squares(x + c * ld + begin, end - begin, acc);
+    });
     for (int64_t l = begin; l < end; ++l) {
       const T norm = std::sqrt(inv[l]);
       const bool clamped = norm < eps;
@@ -434,18 +481,12 @@ void normalize_backward(T* grad, const T* x, const T* radial, int64_t C, int64_t
   parallel_over((L + kChunk - 1) / kChunk, 2 * C * kChunk, [&](int64_t chunk) {
     const int64_t begin = chunk * kChunk, cols = std::min(L, begin + kChunk) - begin;
     double dots[kChunk] = {};  // double: the subtraction below can cancel most of grad
-    for (int64_t c = 0; c < C; ++c) {
-      const T* xr = x + c * L + begin;
-      const T* gr = grad + c * L + begin;
-      for (int64_t l = 0; l < cols; ++l) dots[l] += static_cast<double>(xr[l]) * gr[l];
-    }
     T coef[kChunk];
-    for (int64_t l = 0; l < cols; ++l) coef[l] = static_cast<T>(dots[l] * radial[begin + l]);
-    for (int64_t c = 0; c < C; ++c) {
-      const T* xr = x + c * L + begin;
-      T* gr = grad + c * L + begin;
-      for (int64_t l = 0; l < cols; ++l) gr[l] -= coef[l] * xr[l];
-    }
+    with_cpu_isa([&] {
+      for (int64_t c = 0; c < C; ++c) add_products(x + c * L + begin, grad + c * L + begin, cols, dots);
+      for (int64_t l = 0; l < cols; ++l) coef[l] = static_cast<T>(dots[l] * radial[begin + l]);
+      for (int64_t c = 0; c < C; ++c) subtract_scaled(coef, x + c * L + begin, cols, grad + c * L + begin);
+    });
   });
 }
 
@@ -561,31 +602,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_warp_bwd_cpu(const at::Tenso
 // out[p, l] = w[p] * m[p, l] over a (rows, cols) matrix.
 template <typename T>
 void scale_rows(const T* m, const T* w, int64_t rows, int64_t cols, T* out) {
-  for (int64_t p = 0; p < rows; ++p)
-    for (int64_t l = 0; l < cols; ++l) out[p * cols + l] = w[p] * m[p * cols + l];
-}
-
-// An uninitialised tensor for the fused operators' large outputs and buffers ((N, C, L) maps are
-// tens of MB).  Their first touch costs more than the arithmetic on them when they sit on 4 KiB
-// pages (measured: filling a fresh 42 MB buffer takes 40 ms, a reused one 5 ms, one thread); on
-// Linux, allocations of 4 MiB and more are 2 MiB-aligned and advised for transparent huge pages
-// (one fault per 2 MiB; measured 8 ms for the same fill).  The advice is only advice: where
-// huge pages are off the memory is ordinary pages, and the bytes used are the same but for the
-// rounding to 2 MiB.
-at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) {
-#ifdef __linux__
-  constexpr size_t kHugePage = size_t(2) << 20;
-  const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * c10::elementSize(options.dtype().toScalarType());
-  if (bytes >= 2 * kHugePage) {
-    const size_t rounded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
-    void* data = nullptr;
-    if (posix_memalign(&data, kHugePage, rounded) == 0) {
-      madvise(data, rounded, MADV_HUGEPAGE);
-      return at::from_blob(data, sizes, [](void* p) { std::free(p); }, options);
-    }
-  }
-#endif
-  return at::empty(sizes, options);
+  with_cpu_isa([&] {
+    for (int64_t p = 0; p < rows; ++p) scale_row(w[p], m + p * cols, cols, out + p * cols);
+  });
 }
 
 // The partner indices as int64 values in [0, N) (the Python wrapper checks first).
@@ -631,8 +650,10 @@ void warp_and_blend(const at::Tensor& xi, const at::Tensor& xj, const at::Tensor
   const int64_t C = xi.size(0), L = xi.size(1);
   const T* a = xi.const_data_ptr<T>();
   T* o = out.mutable_data_ptr<T>();
+  std::vector<T> keep(L);
+  for (int64_t l = 0; l < L; ++l) keep[l] = T(1) - m[l];
   parallel_over(C, L, [&](int64_t c) {
-    for (int64_t l = 0; l < L; ++l) o[c * L + l] = (T(1) - m[l]) * a[c * L + l];
+    with_cpu_isa([&] { scale_columns(keep.data(), a + c * L, L, o + c * L); });
   });
   scale_rows(prob.const_data_ptr<T>(), m, L, L, weighted.mutable_data_ptr<T>());
   out.addmm_(xj, weighted.t());
@@ -722,42 +743,36 @@ void pair_score_gradients(const T* prob, T* d, int64_t L, const T* m_i, const T*
   });
 }
 
-// grad[c, l] += acc[c, l] - radial[l] * (x[:, l] . acc[:, l]) * x[c, l] + (1 - m[l]) * direct[c, l]
-// over (C, L): the normalisation backward of the cosine path (dots in double, as normalize_backward)
-// plus, when `direct` is not null, the blend's direct gradient (1 - m) * (g_pos + g_neg).
-// acc may be grad itself (then grad is overwritten, not added to).
+// The normalisation backward of the cosine path over (C, L) (dots in double, as normalize_backward),
+// in one of two forms:
+//   acc == grad (an anchor's query gradient, phase 1): grad[c, l] = (grad[c, l] - radial[l] *
+//     (x[:, l] . grad[:, l]) * x[c, l]) + (1 - m[l]) * (direct_pos + direct_neg)[c, l], the blend's
+//     direct gradient added;
+//   acc != grad, direct null (a partner's key gradient, phase 2): grad[c, l] += acc[c, l] - radial[l] *
+//     (x[:, l] . acc[:, l]) * x[c, l].
 template <typename T>
 void add_normalized(T* grad, const T* acc, const T* x, const T* radial, int64_t C, int64_t L, const T* m,
                     const T* direct_pos, const T* direct_neg) {
   constexpr int64_t kChunk = 64;
   const bool overwrite = acc == grad;
+  TORCH_INTERNAL_ASSERT(overwrite == (direct_pos != nullptr && direct_neg != nullptr),
+                        "add_normalized: the direct terms go with acc == grad (an anchor) and only there");
   parallel_over((L + kChunk - 1) / kChunk, 3 * C * kChunk, [&](int64_t chunk) {
     const int64_t begin = chunk * kChunk, cols = std::min(L, begin + kChunk) - begin;
     double dots[kChunk] = {};
-    for (int64_t c = 0; c < C; ++c) {
-      const T* xr = x + c * L + begin;
-      const T* ar = acc + c * L + begin;
-      for (int64_t l = 0; l < cols; ++l) dots[l] += static_cast<double>(xr[l]) * ar[l];
-    }
     T coef[kChunk], keep[kChunk];
-    for (int64_t l = 0; l < cols; ++l) {
-      coef[l] = static_cast<T>(dots[l] * radial[begin + l]);
-      keep[l] = m == nullptr ? T(0) : T(1) - m[begin + l];
-    }
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t o = c * L + begin;
-      T* gr = grad + o;
-      const T* ar = acc + o;
-      const T* xr = x + o;
-      if (direct_pos != nullptr) {
-        const T* gp = direct_pos + o;
-        const T* gn = direct_neg + o;
-        for (int64_t l = 0; l < cols; ++l)
-          gr[l] = (overwrite ? T(0) : gr[l]) + (ar[l] - coef[l] * xr[l]) + keep[l] * (gp[l] + gn[l]);
-      } else {
-        for (int64_t l = 0; l < cols; ++l) gr[l] = (overwrite ? T(0) : gr[l]) + (ar[l] - coef[l] * xr[l]);
+    with_cpu_isa([&] {
+      for (int64_t c = 0; c < C; ++c) add_products(x + c * L + begin, acc + c * L + begin, cols, dots);
+      for (int64_t l = 0; l < cols; ++l) {
+        coef[l] = static_cast<T>(dots[l] * radial[begin + l]);
+        keep[l] = m == nullptr ? T(0) : T(1) - m[begin + l];
       }
-    }
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t o = c * L + begin;
+        if (overwrite) radial_difference_plus_direct(coef, x + o, keep, direct_pos + o, direct_neg + o, cols, grad + o);
+        else add_radial_difference(acc + o, coef, x + o, cols, grad + o);
+      }
+    });
   });
 }
 

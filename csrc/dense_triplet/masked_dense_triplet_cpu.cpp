@@ -2,7 +2,8 @@
 //
 // Work items are (anchor n, block of kBlock positions): for each channel the three maps
 // are read once, contiguously along the positions, and the squared distances of the
-// block are accumulated in double.  No difference tensor is materialised.
+// block are accumulated in double.  No difference tensor is materialised.  Each work item's loops
+// run in the vector instruction set of ATen's kernels (cpu_isa.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -11,6 +12,8 @@
 #include <array>
 #include <cmath>
 
+#include "cpu_buffers.h"
+#include "cpu_isa.h"
 #include "dense_triplet/masked_dense_triplet.h"
 
 namespace reid_kernels {
@@ -51,19 +54,36 @@ void forward_kernel(const scalar_t* a, const scalar_t* p, const scalar_t* ng, co
                     const Geometry& g, double margin) {
   const int64_t items = g.batch * g.blocks;
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    std::array<double, kBlock> pos_sq, neg_sq;
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t n = item / g.blocks;
-      const int64_t l0 = (item % g.blocks) * kBlock;
-      const int64_t width = std::min(kBlock, g.positions - l0);
-      squared_distances(a, p, ng, g, n, l0, width, pos_sq.data(), neg_sq.data());
-      for (int64_t j = 0; j < width; ++j) {
-        const double hinge = std::sqrt(pos_sq[j]) - std::sqrt(neg_sq[j]) + margin;
-        const int64_t idx = n * g.positions + l0 + j;
-        out[idx] = static_cast<scalar_t>(static_cast<double>(w[idx]) * std::max(hinge, 0.0));
+    with_cpu_isa([&] {
+      std::array<double, kBlock> pos_sq, neg_sq;
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t n = item / g.blocks;
+        const int64_t l0 = (item % g.blocks) * kBlock;
+        const int64_t width = std::min(kBlock, g.positions - l0);
+        squared_distances(a, p, ng, g, n, l0, width, pos_sq.data(), neg_sq.data());
+        for (int64_t j = 0; j < width; ++j) {
+          const double hinge = std::sqrt(pos_sq[j]) - std::sqrt(neg_sq[j]) + margin;
+          const int64_t idx = n * g.positions + l0 + j;
+          out[idx] = static_cast<scalar_t>(static_cast<double>(w[idx]) * std::max(hinge, 0.0));
+        }
       }
-    }
+    });
   });
+}
+
+// One channel's row of the three gradients over a block of positions.  The pointers are declared
+// unaliased (they are distinct tensors): without it the compiler leaves the loop scalar.
+template <typename T>
+inline void row_gradients(const T* __restrict__ a, const T* __restrict__ p, const T* __restrict__ ng,
+                          const T* __restrict__ pos_scale, const T* __restrict__ neg_scale, int64_t width,
+                          T* __restrict__ grad_a, T* __restrict__ grad_p, T* __restrict__ grad_n) {
+  for (int64_t j = 0; j < width; ++j) {
+    const T gp = pos_scale[j] * (a[j] - p[j]);
+    const T gn = neg_scale[j] * (a[j] - ng[j]);
+    grad_a[j] = gp - gn;
+    grad_p[j] = -gp;
+    grad_n[j] = gn;
+  }
 }
 
 template <typename scalar_t>
@@ -71,37 +91,41 @@ void backward_kernel(const scalar_t* grad, const scalar_t* a, const scalar_t* p,
                      scalar_t* grad_a, scalar_t* grad_p, scalar_t* grad_n, const Geometry& g, double margin) {
   const int64_t items = g.batch * g.blocks;
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    std::array<double, kBlock> pos_coef, neg_coef;  // squared distances first, then g/d+ and g/d-
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t n = item / g.blocks;
-      const int64_t l0 = (item % g.blocks) * kBlock;
-      const int64_t width = std::min(kBlock, g.positions - l0);
-      squared_distances(a, p, ng, g, n, l0, width, pos_coef.data(), neg_coef.data());
-      for (int64_t j = 0; j < width; ++j) {
-        const double d_pos = std::sqrt(pos_coef[j]);
-        const double d_neg = std::sqrt(neg_coef[j]);
-        const int64_t idx = n * g.positions + l0 + j;
-        // An inactive hinge passes exactly 0 (not 0 * weight): a NaN or inf weight there gives a
-        // zero gradient, as the reference's clamp backward (and the CUDA kernel) do.
-        const bool active = d_pos - d_neg + margin >= 0.0;
-        const double upstream = active ? static_cast<double>(grad[idx]) * static_cast<double>(w[idx]) : 0.0;
-        // 0 where a distance is exactly 0 (vector_norm's subgradient); a NaN distance passes NaN
-        // to every channel, as the reference's norm backward (x / ||x||) does.
-        pos_coef[j] = d_pos > 0.0 || std::isnan(d_pos) ? upstream / d_pos : 0.0;
-        neg_coef[j] = d_neg > 0.0 || std::isnan(d_neg) ? upstream / d_neg : 0.0;
-      }
-      for (int64_t c = 0; c < g.channels; ++c) {
-        const int64_t base = (n * g.channels + c) * g.positions + l0;
+    with_cpu_isa([&] {
+      std::array<double, kBlock> pos_coef, neg_coef;  // squared distances first, then g/d+ and g/d-
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t n = item / g.blocks;
+        const int64_t l0 = (item % g.blocks) * kBlock;
+        const int64_t width = std::min(kBlock, g.positions - l0);
+        squared_distances(a, p, ng, g, n, l0, width, pos_coef.data(), neg_coef.data());
         for (int64_t j = 0; j < width; ++j) {
-          const double anchor_value = static_cast<double>(a[base + j]);
-          const double gp = pos_coef[j] * (anchor_value - static_cast<double>(p[base + j]));
-          const double gn = neg_coef[j] * (anchor_value - static_cast<double>(ng[base + j]));
-          grad_a[base + j] = static_cast<scalar_t>(gp - gn);
-          grad_p[base + j] = static_cast<scalar_t>(-gp);
-          grad_n[base + j] = static_cast<scalar_t>(gn);
+          const double d_pos = std::sqrt(pos_coef[j]);
+          const double d_neg = std::sqrt(neg_coef[j]);
+          const int64_t idx = n * g.positions + l0 + j;
+          // An inactive hinge passes exactly 0 (not 0 * weight): a NaN or inf weight there gives a
+          // zero gradient, as the reference's clamp backward (and the CUDA kernel) do.
+          const bool active = d_pos - d_neg + margin >= 0.0;
+          const double upstream = active ? static_cast<double>(grad[idx]) * static_cast<double>(w[idx]) : 0.0;
+          // 0 where a distance is exactly 0 (vector_norm's subgradient); a NaN distance passes NaN
+          // to every channel, as the reference's norm backward (x / ||x||) does.
+          pos_coef[j] = d_pos > 0.0 || std::isnan(d_pos) ? upstream / d_pos : 0.0;
+          neg_coef[j] = d_neg > 0.0 || std::isnan(d_neg) ? upstream / d_neg : 0.0;
+        }
+        // The per-element products in the maps' dtype (the reference's autograd rounds them there
+        // too); the distances above stay accumulated in double.  Plain arrays of one dtype, so the
+        // compiler vectorises the loop.
+        std::array<scalar_t, kBlock> pos_scale, neg_scale;
+        for (int64_t j = 0; j < width; ++j) {
+          pos_scale[j] = static_cast<scalar_t>(pos_coef[j]);
+          neg_scale[j] = static_cast<scalar_t>(neg_coef[j]);
+        }
+        for (int64_t c = 0; c < g.channels; ++c) {
+          const int64_t base = (n * g.channels + c) * g.positions + l0;
+          row_gradients(a + base, p + base, ng + base, pos_scale.data(), neg_scale.data(), width, grad_a + base,
+                        grad_p + base, grad_n + base);
         }
       }
-    }
+    });
   });
 }
 
@@ -132,9 +156,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_dense_triplet_bwd_cpu(cons
   check_triplet_args(anchor, positive, negative, weight);
   check_position_map("grad_loss", grad_loss, anchor);
   check_cpu_dtype(anchor);
-  auto grad_a = at::empty_like(anchor);
-  auto grad_p = at::empty_like(anchor);
-  auto grad_n = at::empty_like(anchor);
+  // Three fresh (N, C, L) maps: on huge pages where the OS allows (their page faults were 40% of
+  // this backward's time on 4 KiB pages, cpu_buffers.h).
+  auto grad_a = empty_large_like(anchor);
+  auto grad_p = empty_large_like(anchor);
+  auto grad_n = empty_large_like(anchor);
   const Geometry g(anchor);
   AT_DISPATCH_FLOATING_TYPES(anchor.scalar_type(), "masked_dense_triplet_bwd_cpu", [&] {
     backward_kernel(grad_loss.data_ptr<scalar_t>(), anchor.data_ptr<scalar_t>(), positive.data_ptr<scalar_t>(),
