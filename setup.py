@@ -85,7 +85,10 @@ def _pip_cuda_include_dirs():
 def _extension():
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "*", "*.cu")))
-    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
+    # -ffp-contract=off: no a * b + c fused into an FMA, so the element-wise loops that csrc/cpu_isa.h
+    # compiles for AVX-512, AVX2 and the generic target round alike on every CPU, and cancellations the
+    # kernels rely on (w * D - centre with a one-hot softmax row) stay exact.
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off"]
     extra_link = ["-fopenmp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not _want_cuda():

@@ -31,13 +31,16 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
-from bench_cmalign import Case, describe_machine, machine_peak, make_inputs, step_fn  # noqa: E402
+from bench_cmalign import Case, cases_for, describe_machine, machine_peak, make_inputs, step_fn  # noqa: E402
 
 import reid_kernels  # noqa: E402
 
 PROFILE_ENV = "REID_KERNELS_CMALIGN_PROFILE"
 PATH_ENV = "REID_KERNELS_CMALIGN_CPU_PATH"
-CASES = {"conv4": Case("LbA conv4", 8, 4, 1024, 18, 9), "conv5": Case("LbA conv5", 8, 4, 2048, 18, 9)}
+# bench_cmalign.py's CPU cases: LbA's two sites and the sweep's three map sizes.
+_BENCH_CASES = cases_for(torch.device("cpu"), quick=False, which="all")
+CASES: Dict[str, Case] = {"conv4": _BENCH_CASES[0], "conv5": _BENCH_CASES[1],
+                          **{f"{c.height}x{c.width}": c for c in _BENCH_CASES[2:]}}
 PATHS = ("fused", "per-partner")
 
 
@@ -121,7 +124,8 @@ def markdown(results: List[dict], peak: dict, env: dict) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", default="conv4,conv5", help="comma-separated subset of conv4, conv5")
+    parser.add_argument("--cases", default="conv4,conv5", help="comma-separated subset of " + ", ".join(CASES) + " (the sweep's 72x36 maps exceed the "
+                        "fused path's volume cap: both paths run per-partner there)")
     parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset of " + ", ".join(PATHS))
     parser.add_argument("--repeat", type=int, default=3, help="profiled steps per case and path (after one warm-up)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")

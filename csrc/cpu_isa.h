@@ -5,9 +5,10 @@
 // holding such a loop) inlined into a copy compiled for AVX-512, or AVX2 + FMA, or the generic
 // target: the copy of the instruction set ATen's own kernels run on (torch.backends.cpu.
 // get_cpu_capability(), which follows ATEN_CPU_CAPABILITY), so that capping ATen to AVX2 (the
-// reproducible setting, training/reproducible.py) caps these loops too.  The AVX-512 and AVX2
-// copies contract a * b + c into the same FMAs and never reassociate sums (no -ffast-math), so
-// they round alike; the generic copy has no FMA.
+// reproducible setting, training/reproducible.py) caps these loops too.  The three copies give
+// bit-identical results: the extension is compiled with -ffp-contract=off (setup.py), so no copy
+// fuses a * b + c into an FMA, and without -ffast-math none reorders a sum (reductions that should
+// vectorise spell out their lanes, soft_warp_cpu.cpp's row_sum).
 //
 // `flatten` inlines the lambda (and what it calls) into the target-specific copy, so its loops are
 // vectorised for that target.  Keep the bodies to plain loops over raw pointers: an at:: call or a

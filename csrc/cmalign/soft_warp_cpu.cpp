@@ -119,7 +119,7 @@ at::Tensor probability_cache(const Dims& d, const at::Tensor& query) {
   const int64_t cap = soft_warp_prob_cache_bytes();
   const bool fits = d.Lq == 0 || d.Lk == 0 || d.N <= cap / elem / d.Lq / d.Lk;
   if (!fits) return at::empty({0}, query.options().dtype(acc));
-  return at::empty({d.N, d.Lq, d.Lk}, query.options().dtype(acc));
+  return empty_large({d.N, d.Lq, d.Lk}, query.options().dtype(acc));
 }
 
 // ---------------------------------------------------------------------------
@@ -208,6 +208,60 @@ inline void scale_row(T w, const T* __restrict__ x, int64_t n, T* __restrict__ o
   for (int64_t l = 0; l < n; ++l) out[l] = w * x[l];
 }
 
+// Row reductions over kLanes interleaved partial results, combined pairwise at the end: the
+// compiler vectorises them (a single running sum is a chain it may not reorder), and the order
+// of the additions is fixed by this code, so every instruction-set copy and every thread count
+// gives the same sums.
+constexpr int64_t kLanes = 16;
+
+template <typename T>
+inline T combine_lanes(T* lane, T (*op)(T, T)) {
+  for (int64_t width = kLanes / 2; width > 0; width /= 2)
+    for (int64_t k = 0; k < width; ++k) lane[k] = op(lane[k], lane[k + width]);
+  return lane[0];
+}
+
+template <typename T>
+inline T add_op(T a, T b) {
+  return a + b;
+}
+
+template <typename T>
+inline T max_op(T a, T b) {
+  return a < b ? b : a;  // std::max: a NaN b keeps a
+}
+
+template <typename T>
+inline T row_sum(const T* __restrict__ x, int64_t n) {
+  T lane[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int64_t k = 0; k < kLanes; ++k) lane[k] += x[j + k];
+  for (int64_t k = 0; j + k < n; ++k) lane[k] += x[j + k];
+  return combine_lanes(lane, add_op<T>);
+}
+
+template <typename T>
+inline T row_dot(const T* __restrict__ x, const T* __restrict__ y, int64_t n) {
+  T lane[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int64_t k = 0; k < kLanes; ++k) lane[k] += x[j + k] * y[j + k];
+  for (int64_t k = 0; j + k < n; ++k) lane[k] += x[j + k] * y[j + k];
+  return combine_lanes(lane, add_op<T>);
+}
+
+template <typename T>
+inline T row_max(const T* __restrict__ x, int64_t n) {
+  T lane[kLanes];
+  std::fill(lane, lane + kLanes, -std::numeric_limits<T>::infinity());
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int64_t k = 0; k < kLanes; ++k) lane[k] = max_op(lane[k], x[j + k]);
+  for (int64_t k = 0; j + k < n; ++k) lane[k] = max_op(lane[k], x[j + k]);
+  return combine_lanes(lane, max_op<T>);
+}
+
 // inv[l] = 1 / max(||x[:, l]||, eps) for the `cols` columns of a (C, cols)
 // matrix with row stride `ld`.  radial[l] (when asked for) is inv[l]^2 where
 // the norm is not clamped and 0 where it is: the coefficient of the radial
@@ -236,15 +290,23 @@ void inverse_column_norms(const T* x, int64_t C, int64_t cols, int64_t ld, T* in
 // returns the sum.
 template <typename T>
 T normalize_row(T* row, int64_t Lk) {
-  T sum = 0;
-  for (int64_t j = 0; j < Lk; ++j) sum += row[j];
-  const T inv_sum = T(1) / sum;
-  for (int64_t j = 0; j < Lk; ++j) row[j] *= inv_sum;
+  T sum;
+  with_cpu_isa([&] {
+    sum = row_sum(row, Lk);
+    const T inv_sum = T(1) / sum;
+    for (int64_t j = 0; j < Lk; ++j) row[j] *= inv_sum;
+  });
   return sum;
 }
 
 // ---------------------------------------------------------------------------
 // The softmax of eqs. 1-2, shared by the forward and the backward's recomputation.
+
+// s[j] *= w * v[j]
+template <typename T>
+inline void scale_by_outer(T w, const T* __restrict__ v, int64_t n, T* __restrict__ s) {
+  for (int64_t j = 0; j < n; ++j) s[j] *= w * v[j];
+}
 
 // In place on a block of raw products: scores[r, j] = q[:, p] . k[:, j] becomes the
 // cosine S[r, j] = inv_q[r] * inv_k[j] * scores[r, j] (eq. 1).
@@ -253,8 +315,7 @@ void cosines_in_place(at::Tensor& block, const T* inv_q, const T* inv_k) {
   const int64_t Lk = block.size(1);
   T* scores = block.mutable_data_ptr<T>();
   parallel_over(block.size(0), Lk, [&](int64_t r) {
-    T* s = scores + r * Lk;
-    for (int64_t j = 0; j < Lk; ++j) s[j] *= inv_q[r] * inv_k[j];
+    with_cpu_isa([&] { scale_by_outer(inv_q[r], inv_k, Lk, scores + r * Lk); });
   });
 }
 
@@ -270,15 +331,17 @@ void softmax_rows(const at::Tensor& cos_block, at::Tensor& prob_block, T t, floa
   T* prob = prob_block.mutable_data_ptr<T>();
   std::vector<T> top(rows);
   parallel_over(rows, Lk, [&](int64_t r) {
-    const T* c = cos + r * Lk;
-    T* pr = prob + r * Lk;
-    T m = -std::numeric_limits<T>::infinity();
-    for (int64_t j = 0; j < Lk; ++j) {
-      pr[j] = t * c[j];
-      m = std::max(m, pr[j]);
-    }
-    for (int64_t j = 0; j < Lk; ++j) pr[j] -= m;
-    top[r] = m;
+    with_cpu_isa([&] {
+      T* pr = prob + r * Lk;
+      if (cos == prob) {
+        for (int64_t j = 0; j < Lk; ++j) pr[j] *= t;
+      } else {
+        scale_row(t, cos + r * Lk, Lk, pr);
+      }
+      const T m = row_max(pr, Lk);
+      for (int64_t j = 0; j < Lk; ++j) pr[j] -= m;
+      top[r] = m;
+    });
   });
   prob_block.exp_();
   parallel_over(rows, Lk, [&](int64_t r) {
@@ -296,7 +359,10 @@ void forward_sample(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                     float* lse, T t, const at::Tensor& probs) {
   const int64_t C = q.size(0), Lq = q.size(1), Lk = k.size(1);
   const bool cached = probs.defined();
-  const int64_t rows = cached ? Lq : rows_per_block(Lq, Lk);
+  // Blocks of query rows (~1 MiB of the (Lq, Lk) matrix each) whether or not they land in the cache:
+  // the softmax's passes over a block then stay in L2 (one block of a 72x36 map's 27 MB matrix
+  // halved its softmax time).
+  const int64_t rows = rows_per_block(Lq, Lk);
   at::Tensor inv_q = at::empty({Lq}, q.options());
   at::Tensor inv_k = at::empty({Lk}, q.options());
   at::Tensor scratch = cached ? probs : at::empty({rows, Lk}, q.options());
@@ -460,14 +526,15 @@ void backward_sample(const at::Tensor& grad_out, const at::Tensor& q, const at::
 template <typename T>
 void score_gradients_cached(const T* prob, T* dprob, int64_t rows, int64_t Lk, const T* inv_q, const T* inv_k, T t) {
   parallel_over(rows, Lk, [&](int64_t r) {
-    const T* pr = prob + r * Lk;
-    T* dp = dprob + r * Lk;
-    T centre = 0;
-    for (int64_t j = 0; j < Lk; ++j) centre += pr[j] * dp[j];
-    for (int64_t j = 0; j < Lk; ++j) {
-      const T ds = t * pr[j] * (dp[j] - centre);
-      dp[j] = ds * inv_q[r] * inv_k[j];
-    }
+    with_cpu_isa([&] {
+      const T* pr = prob + r * Lk;
+      T* dp = dprob + r * Lk;
+      const T centre = row_dot(pr, dp, Lk);
+      for (int64_t j = 0; j < Lk; ++j) {
+        const T ds = t * pr[j] * (dp[j] - centre);
+        dp[j] = ds * inv_q[r] * inv_k[j];
+      }
+    });
   });
 }
 
@@ -662,12 +729,9 @@ void warp_and_blend(const at::Tensor& xi, const at::Tensor& xj, const at::Tensor
 // wm[p] = sum_l P[p, l] mask_j[l]: eq. 4 applied to the partner's mask (eq. 9's W(M)).
 template <typename T>
 void warp_mask(const T* prob, const T* mask_j, int64_t L, T* wm) {
-  for (int64_t p = 0; p < L; ++p) {
-    const T* pr = prob + p * L;
-    T acc = 0;
-    for (int64_t l = 0; l < L; ++l) acc += pr[l] * mask_j[l];
-    wm[p] = acc;
-  }
+  with_cpu_isa([&] {
+    for (int64_t p = 0; p < L; ++p) wm[p] = row_dot(prob + p * L, mask_j, L);
+  });
 }
 
 template <typename T>
@@ -732,14 +796,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cmalign_pairs_fwd_cpu
 template <typename T>
 void pair_score_gradients(const T* prob, T* d, int64_t L, const T* m_i, const T* inv_i, const T* inv_j, T t) {
   parallel_over(L, L, [&](int64_t p) {
-    const T* pr = prob + p * L;
-    T* dp = d + p * L;
-    const T w = m_i[p];
-    T centre = 0;
-    for (int64_t l = 0; l < L; ++l) centre += pr[l] * dp[l];
-    centre *= w;
-    const T scale = t * inv_i[p];
-    for (int64_t l = 0; l < L; ++l) dp[l] = scale * pr[l] * (w * dp[l] - centre) * inv_j[l];
+    with_cpu_isa([&] {
+      const T* pr = prob + p * L;
+      T* dp = d + p * L;
+      const T w = m_i[p];
+      const T centre = row_dot(pr, dp, L) * w;
+      const T scale = t * inv_i[p];
+      for (int64_t l = 0; l < L; ++l) dp[l] = scale * pr[l] * (w * dp[l] - centre) * inv_j[l];
+    });
   });
 }
 
