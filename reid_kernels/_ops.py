@@ -86,14 +86,15 @@ def _register_cmalign() -> None:
     # The CPU-only fused partner warps of reid_kernels.cmalign (csrc/cmalign/cmalign_cpu_ops.cpp);
     # reid_kernels.cmalign gives them an autograd.Function, so they need no autograd formula here.
     @torch.library.register_fake("reid_kernels::cmalign_pairs_fwd")
-    def _cmalign_pairs_fwd_fake(x, mask, pos_idx, neg_idx, temperature):
+    def _cmalign_pairs_fwd_fake(x, mask, pos_idx, neg_idx, temperature, eps):
         n, _, lq = x.shape
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         return (x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty((n, lq)),
-                x.new_empty((2, n, lq, lq), dtype=acc))
+                x.new_empty((2, n, lq, lq), dtype=acc), x.new_empty((2, n, lq), dtype=acc))
 
     @torch.library.register_fake("reid_kernels::cmalign_pairs_bwd")
-    def _cmalign_pairs_bwd_fake(grad_pos, grad_neg, x, mask, pos_idx, neg_idx, probs, temperature):
+    def _cmalign_pairs_bwd_fake(grad_pos, grad_neg, grad_dist, x, mask, pos_idx, neg_idx, probs, recon_pos,
+                                recon_neg, dist, temperature, eps):
         return torch.empty_like(x)
 
     backward, setup = _refuse_double_backward("soft_warp")

@@ -32,7 +32,7 @@ from ._validate import (
     check_same_dtype,
     check_tensor,
 )
-from .dense_triplet import check_weighting_and_eps, masked_dense_triplet
+from .dense_triplet import check_weighting_and_eps, dense_triplet_from_distances, masked_dense_triplet
 from .pairs import lba_pairs  # noqa: F401  (re-exported: partners for cmalign)
 from .reference import MINMAX_EPS, CMAlignOutput, minmax_dtype
 
@@ -200,6 +200,15 @@ class _RefuseDoubleBackward(torch.autograd.Function):
         )
 
 
+def _refusing_double_backward(grad_x: torch.Tensor, x: torch.Tensor, *upstream) -> torch.Tensor:
+    """grad_x behind a _RefuseDoubleBackward node linked to x and to the upstream gradients that
+    require grad: grad_x depends on both (the warps are not linear in x), so differentiating it
+    must raise, not give 0 -- also when no upstream gradient requires grad (a loss on the
+    reconstructions alone, or on the dense triplet, whose hinge gradient is piecewise constant)."""
+    linked = [t for t in (x, *upstream) if t is not None and t.requires_grad]
+    return _RefuseDoubleBackward.apply(grad_x, *linked) if linked else grad_x
+
+
 class _PartnerReconstructions(torch.autograd.Function):
     """Eqs. 1-4 and the warped partner mask of eq. 9 for both partners, with a fused backward.
 
@@ -254,9 +263,7 @@ class _PartnerReconstructions(torch.autograd.Function):
         # kernels have none), so it is returned behind a node that refuses to be differentiated.
         with torch.no_grad():
             grads = _PartnerReconstructions.first_order_backward(ctx, grad_pos, grad_neg)
-        upstream = [g for g in (grad_pos, grad_neg) if g is not None and g.requires_grad]
-        grad_x = _RefuseDoubleBackward.apply(grads[0], *upstream) if upstream else grads[0]
-        return (grad_x, *grads[1:])
+        return (_refusing_double_backward(grads[0], ctx.saved_tensors[0], grad_pos, grad_neg), *grads[1:])
 
     @staticmethod
     def first_order_backward(ctx, grad_pos, grad_neg):
@@ -324,41 +331,49 @@ def _use_fused_pairs(x: torch.Tensor) -> bool:
 
 
 class _FusedPartnerReconstructions(torch.autograd.Function):
-    """What :class:`_PartnerReconstructions` computes, on the CPU in two fused operators
-    (reid_kernels::cmalign_pairs_fwd / _bwd, csrc/cmalign/soft_warp_cpu.cpp): the partners are
-    read through the indices instead of gathered, each sample's norms are computed once, the
-    blend of eq. 3 runs inside the warp, and the backward accumulates every partner gradient in
-    the kernel (no index_add_, no per-partner (N, C, L) buffers)."""
+    """What :class:`_PartnerReconstructions` computes, plus the dense triplet's distances, on the CPU
+    in two fused operators (reid_kernels::cmalign_pairs_fwd / _bwd, csrc/cmalign/soft_warp_cpu.cpp):
+    the partners are read through the indices instead of gathered, each sample's norms are computed
+    once, the blend of eq. 3 runs inside the warp, the distances ``||x - recon + eps||`` of eq. 10
+    are taken while an anchor's maps are in cache, and the backward accumulates every partner
+    gradient and the distances' gradients in the kernel (no index_add_, no per-partner (N, C, L)
+    buffers, none of the three (N, C, L) gradients a separate dense-triplet backward would write
+    and autograd would then add).
+
+    forward(x, mask, pos_idx, neg_idx, temperature, eps) -> (recon_pos, recon_neg, warped_mask,
+    dist): ``dist`` is ``(2, N, L)``, the distances to the positive [0] and negative [1]
+    reconstructions, in float32 (float64 for float64 maps)."""
 
     @staticmethod
-    def forward(ctx, x, mask, pos_idx, neg_idx, temperature):
-        recon_pos, recon_neg, warped_mask, probs = torch.ops.reid_kernels.cmalign_pairs_fwd(
-            x, mask, pos_idx, neg_idx, temperature
+    def forward(ctx, x, mask, pos_idx, neg_idx, temperature, eps):
+        recon_pos, recon_neg, warped_mask, probs, dist = torch.ops.reid_kernels.cmalign_pairs_fwd(
+            x, mask, pos_idx, neg_idx, temperature, eps
         )
-        ctx.save_for_backward(x, mask, pos_idx, neg_idx, probs)
-        ctx.temperature = temperature
+        ctx.save_for_backward(x, mask, pos_idx, neg_idx, probs, recon_pos, recon_neg, dist)
+        ctx.temperature, ctx.eps = temperature, eps
         ctx.mark_non_differentiable(warped_mask)
-        return recon_pos, recon_neg, warped_mask
+        return recon_pos, recon_neg, warped_mask, dist
 
     @staticmethod
-    def backward(ctx, grad_pos, grad_neg, grad_mask):
+    def backward(ctx, grad_pos, grad_neg, grad_mask, grad_dist):
         if not torch.is_grad_enabled():
-            return _FusedPartnerReconstructions.first_order_backward(ctx, grad_pos, grad_neg)
+            return _FusedPartnerReconstructions.first_order_backward(ctx, grad_pos, grad_neg, grad_dist)
         with torch.no_grad():  # as _PartnerReconstructions.backward
-            grads = _FusedPartnerReconstructions.first_order_backward(ctx, grad_pos, grad_neg)
-        upstream = [g for g in (grad_pos, grad_neg) if g is not None and g.requires_grad]
-        grad_x = _RefuseDoubleBackward.apply(grads[0], *upstream) if upstream else grads[0]
+            grads = _FusedPartnerReconstructions.first_order_backward(ctx, grad_pos, grad_neg, grad_dist)
+        grad_x = _refusing_double_backward(grads[0], ctx.saved_tensors[0], grad_pos, grad_neg, grad_dist)
         return (grad_x, *grads[1:])
 
     @staticmethod
-    def first_order_backward(ctx, grad_pos, grad_neg):
-        x, mask, pos_idx, neg_idx, probs = ctx.saved_tensors
+    def first_order_backward(ctx, grad_pos, grad_neg, grad_dist):
+        x, mask, pos_idx, neg_idx, probs, recon_pos, recon_neg, dist = ctx.saved_tensors
         grad_pos = torch.zeros_like(x) if grad_pos is None else grad_pos.contiguous()
         grad_neg = torch.zeros_like(x) if grad_neg is None else grad_neg.contiguous()
+        grad_dist = None if grad_dist is None else grad_dist.to(dist.dtype).contiguous()
         grad_x = torch.ops.reid_kernels.cmalign_pairs_bwd(
-            grad_pos, grad_neg, x, mask, pos_idx, neg_idx, probs, ctx.temperature
+            grad_pos, grad_neg, grad_dist, x, mask, pos_idx, neg_idx, probs, recon_pos, recon_neg, dist,
+            ctx.temperature, ctx.eps
         )
-        return grad_x, None, None, None, None
+        return grad_x, None, None, None, None, None
 
 
 def cmalign(
@@ -399,9 +414,10 @@ def cmalign(
 
     Cost: on the CPU, where the (N, L, L) probabilities of a partner fit the soft_warp cache,
     two fused operators (cmalign_pairs_fwd / _bwd): partners read through the indices, each
-    sample's norms once, the blend inside the warp's matrix product, the partner gradients
-    accumulated per sample (``REID_KERNELS_CMALIGN_CPU_PATH=per-partner`` selects the path
-    below instead).  Elsewhere one :func:`soft_warp` pass per partner, with a fused backward
+    sample's norms once, the blend inside the warp's matrix product, the dense triplet's
+    distances taken in the same kernel (the hinge, weighting and mean of eqs. 10-11 then run on
+    the (N, H*W) distances), the partner and distance gradients accumulated per sample
+    (``REID_KERNELS_CMALIGN_CPU_PATH=per-partner`` selects the path below instead).  Elsewhere one :func:`soft_warp` pass per partner, with a fused backward
     for the gathers and blends.  The co-attention needs no second similarity: on CPU it is
     the cached probabilities times the partner's mask, elsewhere the mask rides along as one
     extra value channel of the positive pass.
@@ -419,17 +435,18 @@ def cmalign(
     x = _positions(feat)
     mask = torch.ops.reid_kernels.person_mask(x.detach())  # eqs. 5-7, (N, L)
 
+    maps = (n, c, h, w)
     # eqs. 1-4 for both partners, plus the positive partner's warped mask
-    if _use_fused_pairs(x):
-        recon_pos, recon_neg, warped_mask = _FusedPartnerReconstructions.apply(
-            x, mask, pos_idx.contiguous(), neg_idx.contiguous(), temperature
+    if _use_fused_pairs(x):  # the CPU kernels also return the distances of eq. 10
+        recon_pos, recon_neg, warped_mask, dist = _FusedPartnerReconstructions.apply(
+            x, mask, pos_idx.contiguous(), neg_idx.contiguous(), temperature, eps
         )
+        comask = _minmax_per_sample(mask * warped_mask)  # eq. 9, detached
+        loss = dense_triplet_from_distances(dist[0], dist[1], comask, margin, weighting)  # eqs. 10-11
+        loss = loss.to(feat.dtype)
     else:
         recon_pos, recon_neg, warped_mask = _PartnerReconstructions.apply(x, mask, pos_idx, neg_idx, temperature)
-    comask = _minmax_per_sample(mask * warped_mask)  # eq. 9, detached
-
-    maps = (n, c, h, w)
-    recon_pos, recon_neg, comask = recon_pos.view(maps), recon_neg.view(maps), comask.view(n, h, w)
-    loss = masked_dense_triplet(x.view(maps), recon_pos, recon_neg, comask, margin,
-                                weighting=weighting, eps=eps)  # eqs. 10-11
-    return CMAlignOutput(recon_pos, recon_neg, comask, loss)
+        comask = _minmax_per_sample(mask * warped_mask)  # eq. 9, detached
+        loss = masked_dense_triplet(x.view(maps), recon_pos.view(maps), recon_neg.view(maps), comask.view(n, h, w),
+                                    margin, weighting=weighting, eps=eps)  # eqs. 10-11
+    return CMAlignOutput(recon_pos.view(maps), recon_neg.view(maps), comask.view(n, h, w), loss)

@@ -27,6 +27,27 @@ def check_weighting_and_eps(weighting, eps) -> float:
     return eps
 
 
+def dense_triplet_from_distances(
+    d_pos: torch.Tensor, d_neg: torch.Tensor, weight: torch.Tensor, margin: float, weighting: str = "paper"
+) -> torch.Tensor:
+    """LbA eqs. 10-11 from the distances: ``mean(w * [d_pos - d_neg + margin]_+)`` over all positions.
+
+    ``d_pos``, ``d_neg``: ``(N, L)`` distances ``||a - p + eps||``, ``||a - n + eps||`` (differentiable);
+    ``weight``: ``(N, L)`` co-attention (detached here).  ``weighting`` as :func:`masked_dense_triplet`
+    (``"paper"``: each anchor by its own weight; ``"lba-code"``: every anchor by the batch-mean weight,
+    the released code's broadcast).  The same hinge as the operator's: ``torch.clamp``, whose backward
+    passes the gradient at a hinge of exactly 0 and gives an inactive hinge exactly 0 even where the
+    weight is NaN.  Used by :func:`reid_kernels.cmalign`'s fused CPU path, whose kernel returns the
+    distances.
+    """
+    weight = weight.detach().to(d_pos.dtype)
+    if weighting == "lba-code":
+        weight = weight.mean(dim=0, keepdim=True)
+    elif weighting != "paper":
+        raise ValueError(f"weighting: expected 'paper' or 'lba-code', got {weighting!r}")
+    return (weight * torch.clamp(d_pos - d_neg + margin, min=0)).mean()
+
+
 def masked_dense_triplet(
     anchor: torch.Tensor,
     positive: torch.Tensor,

@@ -113,6 +113,42 @@ def test_cpu_path_single_sample(monkeypatch, path):
         _check_path(path, monkeypatch, feat, idx, idx, temperature=5.0)
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("weighting, eps", [("paper", 0.0), ("lba-code", 1e-6), ("paper", 0.05), ("lba-code", 0.05)])
+def test_cpu_path_weighting_and_eps(monkeypatch, path, weighting, eps):
+    """Both dense-triplet weightings and eps inside the distances (LbA's recipe: lba-code, 1e-6), through
+    the fused kernel's distances and their gradients; each loss term's gradient alone as well."""
+    feat = _feat((8, 16, 4, 3), torch.float64, seed=25)
+    pos_idx, neg_idx = reid_kernels.lba_pairs(2, 2, generator=torch.Generator().manual_seed(25))
+    monkeypatch.setenv(CPU_PATH_ENV, path)
+    leaf, ref_leaf = feat.clone().requires_grad_(), feat.clone().requires_grad_()
+    out = reid_kernels.cmalign(leaf, pos_idx, neg_idx, 20.0, 0.2, weighting=weighting, eps=eps)
+    want = reference.cmalign(ref_leaf, pos_idx, neg_idx, 20.0, 0.2, weighting=weighting, eps=eps)
+    tol = TOL[torch.float64]
+    for name in want._fields:
+        torch.testing.assert_close(getattr(out, name), getattr(want, name), **tol, msg=lambda m: f"{name}: {m}")
+    assert float(want.loss) > 0.01  # active hinges: the distances' gradients are exercised
+    for term in ("loss", "recon_neg"):  # the distances' gradient alone; the reconstruction's alone (none for dist)
+        (got,) = torch.autograd.grad(getattr(out, term).sum(), leaf, retain_graph=True)
+        (expected,) = torch.autograd.grad(getattr(want, term).sum(), ref_leaf, retain_graph=True)
+        torch.testing.assert_close(got, expected, **tol, msg=lambda m: f"grad of {term}: {m}")
+    torch.testing.assert_close(_weighted_grad(out, leaf, 9), _weighted_grad(want, ref_leaf, 9), **tol)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_cpu_path_zero_distances(monkeypatch, path):
+    """Maps whose norms are all equal have a zero person mask, so each reconstruction is its anchor and
+    both distances are exactly 0 (eps = 0): their gradient is the norm's subgradient 0, not NaN."""
+    feat = torch.ones(8, 6, 4, 3, dtype=torch.float64)
+    pos_idx, neg_idx = reid_kernels.lba_pairs(2, 2, generator=torch.Generator().manual_seed(26))
+    out, grad = _run(path, monkeypatch, feat, pos_idx, neg_idx)
+    leaf = feat.clone().requires_grad_()
+    want = reference.cmalign(leaf, pos_idx, neg_idx)
+    assert torch.equal(out.recon_pos, feat) and float(out.loss) == 0.0
+    assert torch.isfinite(grad).all()
+    torch.testing.assert_close(grad, _weighted_grad(want, leaf, 7), **TOL[torch.float64])
+
+
 def test_fused_and_per_partner_agree(monkeypatch):
     """The two paths sum the same products in different orders: float64 results agree to rounding."""
     feat = _feat((16, 32, 6, 3), torch.float64, seed=8)
@@ -130,7 +166,10 @@ def test_cpu_path_reduced_precision(monkeypatch, path):
     test_cmalign.py's test_cmalign_reduced_precision_cpu: float16 recon 2e-3, bfloat16 2.5e-2)."""
     pos_idx, neg_idx = reid_kernels.lba_pairs(2, 2, generator=torch.Generator().manual_seed(5))
     feat = _feat((8, 16, 4, 3), torch.float32, seed=24)
-    for dtype, recon_tol, loss_tol in ((torch.float16, 2e-3, 6e-5), (torch.bfloat16, 2.5e-2, 5e-4)):
+    # loss (~0.133): one ulp of the dtype there (float16 1.2e-4, bfloat16 9.8e-4): the returned scalar is
+    # rounded once to the dtype after float32 sums whose own error (the rounded mask and co-attention) can
+    # put it on either side of a rounding boundary (measured: 5.3e-4 for bfloat16 on the fused path)
+    for dtype, recon_tol, loss_tol in ((torch.float16, 2e-3, 1.2e-4), (torch.bfloat16, 2.5e-2, 9.8e-4)):
         x = feat.to(dtype)
         out, grad = _run(path, monkeypatch, x, pos_idx, neg_idx, temperature=10.0)
         x32 = x.float().requires_grad_()
@@ -195,24 +234,29 @@ def _pairs_args(dtype=torch.float64, n=4, c=5, l=6):
 
 def test_opcheck_cmalign_pairs():
     x, mask, pos_idx, neg_idx = _pairs_args()
-    torch.library.opcheck(torch.ops.reid_kernels.cmalign_pairs_fwd.default, (x, mask, pos_idx, neg_idx, 5.0))
-    _, _, _, probs = torch.ops.reid_kernels.cmalign_pairs_fwd(x, mask, pos_idx, neg_idx, 5.0)
+    torch.library.opcheck(torch.ops.reid_kernels.cmalign_pairs_fwd.default, (x, mask, pos_idx, neg_idx, 5.0, 1e-3))
+    recon_pos, recon_neg, _, probs, dist = torch.ops.reid_kernels.cmalign_pairs_fwd(x, mask, pos_idx, neg_idx, 5.0, 1e-3)
     grads = (torch.randn_like(x), torch.randn_like(x))
-    torch.library.opcheck(torch.ops.reid_kernels.cmalign_pairs_bwd.default,
-                          (*grads, x, mask, pos_idx, neg_idx, probs, 5.0))
+    for grad_dist in (torch.randn_like(dist), None):
+        torch.library.opcheck(torch.ops.reid_kernels.cmalign_pairs_bwd.default,
+                              (*grads, grad_dist, x, mask, pos_idx, neg_idx, probs, recon_pos, recon_neg, dist, 5.0,
+                               1e-3))
 
 
 def test_cmalign_pairs_outputs():
     """recon = x + m (W - x) with W the soft warp (eq. 4), warped mask = P @ mask of the positive partner,
     probs = the soft_warp probabilities of both partners."""
     x, mask, pos_idx, neg_idx = _pairs_args()
-    recon_pos, recon_neg, warped_mask, probs = torch.ops.reid_kernels.cmalign_pairs_fwd(x, mask, pos_idx, neg_idx, 5.0)
+    recon_pos, recon_neg, warped_mask, probs, dist = torch.ops.reid_kernels.cmalign_pairs_fwd(
+        x, mask, pos_idx, neg_idx, 5.0, 1e-3)
     for part, (recon, idx) in enumerate(((recon_pos, pos_idx), (recon_neg, neg_idx))):
         warp, _, p = torch.ops.reid_kernels.soft_warp_fwd(x, x[idx].contiguous(), x[idx].contiguous(), 5.0)
         torch.testing.assert_close(probs[part], p, rtol=0, atol=1e-14)
         torch.testing.assert_close(recon, x + mask.unsqueeze(1) * (warp - x), rtol=0, atol=1e-14)
     torch.testing.assert_close(warped_mask, torch.bmm(probs[0], mask[pos_idx].unsqueeze(2)).squeeze(2),
                                rtol=0, atol=1e-14)
+    for part, recon in enumerate((recon_pos, recon_neg)):  # eq. 10's distances, eps inside the norm
+        torch.testing.assert_close(dist[part], torch.linalg.vector_norm(x - recon + 1e-3, dim=1), rtol=0, atol=1e-14)
 
 
 @pytest.mark.parametrize("which", ["pos_idx", "neg_idx"])
@@ -221,24 +265,42 @@ def test_cmalign_pairs_refuses_bad_indices(which):
     args = {"pos_idx": pos_idx, "neg_idx": neg_idx}
     args[which] = torch.tensor([0, 1, 4, 0])
     with pytest.raises(RuntimeError, match=rf"{which}: expected values in \[0, 4\), got 4 at 2"):
-        torch.ops.reid_kernels.cmalign_pairs_fwd(x, mask, args["pos_idx"], args["neg_idx"], 5.0)
+        torch.ops.reid_kernels.cmalign_pairs_fwd(x, mask, args["pos_idx"], args["neg_idx"], 5.0, 0.0)
     args[which] = torch.tensor([0, 1, 2, 0], dtype=torch.int32)
     with pytest.raises(RuntimeError, match=rf"{which}: expected a contiguous int64 CPU tensor of shape \(4,\)"):
-        torch.ops.reid_kernels.cmalign_pairs_fwd(x, mask, args["pos_idx"], args["neg_idx"], 5.0)
+        torch.ops.reid_kernels.cmalign_pairs_fwd(x, mask, args["pos_idx"], args["neg_idx"], 5.0, 0.0)
 
 
 def test_cmalign_pairs_refuses_bad_mask_and_probs():
     x, mask, pos_idx, neg_idx = _pairs_args()
     with pytest.raises(RuntimeError, match=r"mask: expected shape \(4, 6\), got \[4, 5\]"):
-        torch.ops.reid_kernels.cmalign_pairs_fwd(x, mask[:, :5], pos_idx, neg_idx, 5.0)
+        torch.ops.reid_kernels.cmalign_pairs_fwd(x, mask[:, :5], pos_idx, neg_idx, 5.0, 0.0)
     with pytest.raises(RuntimeError, match=r"mask: expected a contiguous CPU tensor of dtype Double"):
-        torch.ops.reid_kernels.cmalign_pairs_fwd(x, mask.float(), pos_idx, neg_idx, 5.0)
+        torch.ops.reid_kernels.cmalign_pairs_fwd(x, mask.float(), pos_idx, neg_idx, 5.0, 0.0)
+    recon_pos, recon_neg, _, probs, dist = torch.ops.reid_kernels.cmalign_pairs_fwd(x, mask, pos_idx, neg_idx, 5.0, 0.0)
     g = torch.zeros_like(x)
+
+    def backward(**changed):
+        args = dict(grad_pos=g, grad_neg=g, grad_dist=torch.zeros_like(dist), x=x, mask=mask, pos_idx=pos_idx,
+                    neg_idx=neg_idx, probs=probs, recon_pos=recon_pos, recon_neg=recon_neg, dist=dist,
+                    temperature=5.0, eps=0.0)
+        args.update(changed)
+        return torch.ops.reid_kernels.cmalign_pairs_bwd(*args.values())
+
     with pytest.raises(RuntimeError, match=r"probs: expected a contiguous Double CPU tensor of shape \(2, 4, 6, 6\)"):
-        torch.ops.reid_kernels.cmalign_pairs_bwd(g, g, x, mask, pos_idx, neg_idx, torch.zeros(4, 6, 6,
-                                                 dtype=torch.float64), 5.0)
+        backward(probs=torch.zeros(4, 6, 6, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match=r"dist: expected a contiguous Double CPU tensor of shape \(2, 4, 6\)"):
+        backward(dist=dist[0])
+    with pytest.raises(RuntimeError, match=r"grad_dist: expected a contiguous Double CPU tensor of shape \(2, 4, 6\)"):
+        backward(grad_dist=dist.float())
+    with pytest.raises(RuntimeError, match=r"recon_neg: expected"):
+        backward(recon_neg=recon_neg[:, :4])
+    with pytest.raises(RuntimeError, match=r"eps: expected a finite value >= 0, got -1"):
+        backward(eps=-1.0)
     with pytest.raises(RuntimeError, match=r"temperature: expected a finite value > 0"):
-        torch.ops.reid_kernels.cmalign_pairs_fwd(x, mask, pos_idx, neg_idx, float("nan"))
+        torch.ops.reid_kernels.cmalign_pairs_fwd(x, mask, pos_idx, neg_idx, float("nan"), 0.0)
+    with pytest.raises(RuntimeError, match=r"eps: expected a finite value >= 0, got inf"):
+        torch.ops.reid_kernels.cmalign_pairs_fwd(x, mask, pos_idx, neg_idx, 5.0, float("inf"))
 
 
 # ---------------------------------------------------------------------------

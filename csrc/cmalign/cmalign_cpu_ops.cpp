@@ -143,17 +143,21 @@ std::tuple<double, std::string, int64_t> cpu_fma_peak(int64_t iterations) {
 
 TORCH_LIBRARY_FRAGMENT(reid_kernels, m) {
   // LbA's CMAlign partner warps, fused (csrc/cmalign/soft_warp_cpu.cpp), CPU only.
-  // x (N, C, L), mask (N, L) in x's dtype, pos_idx / neg_idx (N,) int64 ->
+  // x (N, C, L), mask (N, L) in x's dtype, pos_idx / neg_idx (N,) int64, eps >= 0 ->
   // recon_pos, recon_neg (N, C, L): x + mask * (W(partner) - x) (eqs. 1-4);
   // warped_mask (N, L): the positive partner's mask warped onto the anchor (eq. 9's W(M));
   // probs (2, N, L, L) in the accumulation dtype (float64 for float64, else float32): the
-  // softmax probabilities towards the positive [0] and negative [1] partners, for the backward.
-  m.def("cmalign_pairs_fwd(Tensor x, Tensor mask, Tensor pos_idx, Tensor neg_idx, float temperature) "
-        "-> (Tensor, Tensor, Tensor, Tensor)");
-  // grad_pos, grad_neg (N, C, L): gradients of recon_pos, recon_neg -> grad_x (N, C, L), through the
-  // anchor, both partners (cosines and values) and the blend; the mask gets none (detached).
-  m.def("cmalign_pairs_bwd(Tensor grad_pos, Tensor grad_neg, Tensor x, Tensor mask, Tensor pos_idx, "
-        "Tensor neg_idx, Tensor probs, float temperature) -> Tensor");
+  // softmax probabilities towards the positive [0] and negative [1] partners, for the backward;
+  // dist (2, N, L) in the accumulation dtype: ||x - recon_pos + eps||_2 [0] and ||x - recon_neg + eps||_2 [1]
+  // over the channels at each position, the dense triplet's distances (eq. 10).
+  m.def("cmalign_pairs_fwd(Tensor x, Tensor mask, Tensor pos_idx, Tensor neg_idx, float temperature, float eps) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // grad_pos, grad_neg (N, C, L): gradients of recon_pos, recon_neg; grad_dist (2, N, L) of dist, or None
+  // -> grad_x (N, C, L), through the anchor, both partners (cosines and values), the blend and the
+  // distances; the mask gets none (detached).  recon_pos, recon_neg, dist: the forward's outputs.
+  m.def("cmalign_pairs_bwd(Tensor grad_pos, Tensor grad_neg, Tensor? grad_dist, Tensor x, Tensor mask, "
+        "Tensor pos_idx, Tensor neg_idx, Tensor probs, Tensor recon_pos, Tensor recon_neg, Tensor dist, "
+        "float temperature, float eps) -> Tensor");
   // Phase timers of the CPU kernels (REID_KERNELS_CMALIGN_PROFILE=1; cpu_phase_timer.h).
   m.def("_cmalign_cpu_profile(bool reset) -> (Tensor, Tensor)", &cmalign_cpu_profile);
   m.def("_cmalign_cpu_phase_names() -> str[]", &cmalign_cpu_phase_names);

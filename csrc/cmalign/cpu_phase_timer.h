@@ -30,13 +30,16 @@ enum Phase : int {
   kBwdNormalize,      // radial terms of the normalisation backward, blends' gradients (element-wise over C x L)
   kBwdRecompute,      // uncached backward: S = q^T k again and its softmax
   kOther,             // allocations, gathers, scatter bookkeeping inside the kernels
+  kDistances,         // fused cmalign: the dense triplet's distances ||x - recon + eps|| (eq. 10)
+  kBwdDirect,         // fused cmalign: the blend's direct term, the distances' gradients and each recon's total gradient (C x L passes)
   kCount
 };
 
 inline const char* name(int p) {
   static const char* const names[kCount] = {"norms",         "correlation",   "softmax",       "warp",
                                             "bwd_value_grad", "bwd_prob_grad", "bwd_softmax",   "bwd_query_grad",
-                                            "bwd_key_grad",  "bwd_normalize", "bwd_recompute", "other"};
+                                            "bwd_key_grad",  "bwd_normalize", "bwd_recompute", "other",
+                                            "distances",     "bwd_direct"};
   return names[p];
 }
 

@@ -35,6 +35,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <tuple>
 #include <cstdlib>
 #include <string>
@@ -734,9 +735,36 @@ void warp_mask(const T* prob, const T* mask_j, int64_t L, T* wm) {
   });
 }
 
+// acc[l] += ((x[l] - r[l]) + eps)^2 in double (the dense triplet's squared distance, channel by channel)
 template <typename T>
-void pairs_forward(const at::Tensor& x, const at::Tensor& mask, const int64_t* const partner[2], T t,
-                   at::Tensor recon[2], at::Tensor& warped_mask, at::Tensor& probs) {
+inline void add_squared_differences(const T* __restrict__ x, const T* __restrict__ r, double eps, int64_t n,
+                                    double* __restrict__ acc) {
+  for (int64_t l = 0; l < n; ++l) {
+    const double diff = (static_cast<double>(x[l]) - static_cast<double>(r[l])) + eps;
+    acc[l] += diff * diff;
+  }
+}
+
+// dist[part][l] = ||x_i[:, l] - recon_part[:, l] + eps||_2 for both partners (the distances of the dense
+// triplet, eq. 10, in double as the masked dense triplet kernel), while the anchor's maps are in cache.
+template <typename T>
+void anchor_distances(const T* xi, const T* const recon[2], int64_t C, int64_t L, double eps, T* const dist[2]) {
+  constexpr int64_t kChunk = 64;
+  parallel_over((L + kChunk - 1) / kChunk, 2 * C * kChunk, [&](int64_t chunk) {
+    const int64_t begin = chunk * kChunk, cols = std::min(L, begin + kChunk) - begin;
+    with_cpu_isa([&] {
+      for (int part = 0; part < 2; ++part) {
+        double sq[kChunk] = {};
+        for (int64_t c = 0; c < C; ++c) add_squared_differences(xi + c * L + begin, recon[part] + c * L + begin, eps, cols, sq);
+        for (int64_t l = 0; l < cols; ++l) dist[part][begin + l] = static_cast<T>(std::sqrt(sq[l]));
+      }
+    });
+  });
+}
+
+template <typename T>
+void pairs_forward(const at::Tensor& x, const at::Tensor& mask, const int64_t* const partner[2], T t, double eps,
+                   at::Tensor recon[2], at::Tensor& warped_mask, at::Tensor& probs, at::Tensor& dist) {
   const int64_t N = x.size(0), C = x.size(1), L = x.size(2);
   at::Tensor inv = at::empty({N, L}, x.options());
   const T* inv_p = inv.const_data_ptr<T>();
@@ -760,35 +788,46 @@ void pairs_forward(const at::Tensor& x, const at::Tensor& mask, const int64_t* c
         warp_and_blend(xi, xj, prob, m + i * L, out, weighted);
       });
     }
+    timed(phase::kDistances, 0, [&] {
+      const T* const rec[2] = {recon[0].const_data_ptr<T>() + i * C * L, recon[1].const_data_ptr<T>() + i * C * L};
+      T* const d[2] = {dist.mutable_data_ptr<T>() + i * L, dist.mutable_data_ptr<T>() + (N + i) * L};
+      anchor_distances(xi.const_data_ptr<T>(), rec, C, L, eps, d);
+    });
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cmalign_pairs_fwd_cpu(const at::Tensor& x,
-                                                                                  const at::Tensor& mask,
-                                                                                  const at::Tensor& pos_idx,
-                                                                                  const at::Tensor& neg_idx,
-                                                                                  double temperature) {
+void check_eps(double eps) {
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0, "eps: expected a finite value >= 0, got ", eps);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cmalign_pairs_fwd_cpu(
+    const at::Tensor& x, const at::Tensor& mask, const at::Tensor& pos_idx, const at::Tensor& neg_idx,
+    double temperature, double eps) {
   check_pairs_inputs(x, mask, temperature);
+  check_eps(eps);
   const int64_t N = x.size(0), L = x.size(2);
   const int64_t* const partner[2] = {check_partner_index(pos_idx, "pos_idx", N),
                                      check_partner_index(neg_idx, "neg_idx", N)};
   phase::begin_call();
   if (is_reduced_float(x)) {  // compute in float32, return in the input dtype
-    auto [rp, rn, wm, probs] =
-        cmalign_pairs_fwd_cpu(x.to(at::kFloat), mask.to(at::kFloat), pos_idx, neg_idx, temperature);
-    return {rp.to(x.scalar_type()), rn.to(x.scalar_type()), wm.to(x.scalar_type()), probs};
+    auto [rp, rn, wm, probs, dist] =
+        cmalign_pairs_fwd_cpu(x.to(at::kFloat), mask.to(at::kFloat), pos_idx, neg_idx, temperature, eps);
+    return {rp.to(x.scalar_type()), rn.to(x.scalar_type()), wm.to(x.scalar_type()), probs, dist};
   }
   at::Tensor recon[2] = {empty_large(x.sizes(), x.options()), empty_large(x.sizes(), x.options())};
   at::Tensor warped_mask = at::empty({N, L}, x.options());
   at::Tensor probs = empty_large({2, N, L, L}, x.options());
+  at::Tensor dist = at::empty({2, N, L}, x.options());
   if (x.numel() == 0) {
     warped_mask.zero_();
-    return {recon[0], recon[1], warped_mask, probs};
+    dist.zero_();  // N, L or C is 0: a distance over no channels is 0
+    return {recon[0], recon[1], warped_mask, probs, dist};
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cmalign_pairs_fwd_cpu", [&] {
-    pairs_forward<scalar_t>(x, mask, partner, static_cast<scalar_t>(temperature), recon, warped_mask, probs);
+    pairs_forward<scalar_t>(x, mask, partner, static_cast<scalar_t>(temperature), eps, recon, warped_mask, probs,
+                            dist);
   });
-  return {recon[0], recon[1], warped_mask, probs};
+  return {recon[0], recon[1], warped_mask, probs, dist};
 }
 
 // In place on D = g^T x_j (the warp's dP before the blend weight): D -> G = dS * inv_i[p] * inv_j[l],
@@ -807,35 +846,21 @@ void pair_score_gradients(const T* prob, T* d, int64_t L, const T* m_i, const T*
   });
 }
 
-// The normalisation backward of the cosine path over (C, L) (dots in double, as normalize_backward),
-// in one of two forms:
-//   acc == grad (an anchor's query gradient, phase 1): grad[c, l] = (grad[c, l] - radial[l] *
-//     (x[:, l] . grad[:, l]) * x[c, l]) + (1 - m[l]) * (direct_pos + direct_neg)[c, l], the blend's
-//     direct gradient added;
-//   acc != grad, direct null (a partner's key gradient, phase 2): grad[c, l] += acc[c, l] - radial[l] *
-//     (x[:, l] . acc[:, l]) * x[c, l].
+// grad[c, l] += acc[c, l] - radial[l] * (x[:, l] . acc[:, l]) * x[c, l] over (C, L): the normalisation
+// backward of the cosine path (dots in double, as normalize_backward) added to a gradient that
+// already holds the sample's other terms.
 template <typename T>
-void add_normalized(T* grad, const T* acc, const T* x, const T* radial, int64_t C, int64_t L, const T* m,
-                    const T* direct_pos, const T* direct_neg) {
+void add_normalized(T* grad, const T* acc, const T* x, const T* radial, int64_t C, int64_t L) {
   constexpr int64_t kChunk = 64;
-  const bool overwrite = acc == grad;
-  TORCH_INTERNAL_ASSERT(overwrite == (direct_pos != nullptr && direct_neg != nullptr),
-                        "add_normalized: the direct terms go with acc == grad (an anchor) and only there");
   parallel_over((L + kChunk - 1) / kChunk, 3 * C * kChunk, [&](int64_t chunk) {
     const int64_t begin = chunk * kChunk, cols = std::min(L, begin + kChunk) - begin;
     double dots[kChunk] = {};
-    T coef[kChunk], keep[kChunk];
+    T coef[kChunk];
     with_cpu_isa([&] {
       for (int64_t c = 0; c < C; ++c) add_products(x + c * L + begin, acc + c * L + begin, cols, dots);
-      for (int64_t l = 0; l < cols; ++l) {
-        coef[l] = static_cast<T>(dots[l] * radial[begin + l]);
-        keep[l] = m == nullptr ? T(0) : T(1) - m[begin + l];
-      }
-      for (int64_t c = 0; c < C; ++c) {
-        const int64_t o = c * L + begin;
-        if (overwrite) radial_difference_plus_direct(coef, x + o, keep, direct_pos + o, direct_neg + o, cols, grad + o);
-        else add_radial_difference(acc + o, coef, x + o, cols, grad + o);
-      }
+      for (int64_t l = 0; l < cols; ++l) coef[l] = static_cast<T>(dots[l] * radial[begin + l]);
+      for (int64_t c = 0; c < C; ++c) add_radial_difference(acc + c * L + begin, coef, x + c * L + begin, cols,
+                                                            grad + c * L + begin);
     });
   });
 }
@@ -859,42 +884,127 @@ Incoming incoming_pairs(const int64_t* const partner[2], int64_t N) {
   return in;
 }
 
+// The distances' gradient coefficient g / d (eq. 10's ||.|| backward): 0 where d is exactly 0 (the
+// norm's subgradient, as torch.linalg.vector_norm), NaN passed on where d is NaN.
+template <typename T>
+inline T distance_coefficient(T grad, T d) {
+  return d > T(0) || std::isnan(d) ? grad / d : T(0);
+}
+
+// direct = keep * (g_pos + g_neg) + m * (c_pos * ((x - r_pos) + eps) + c_neg * ((x - r_neg) + eps)), one row:
+// an anchor's own terms.  With u_part = c_part * ((x - r_part) + eps) (d dist_part / d x times the
+// distance's gradient, eq. 10) and cg_part = g_part - u_part what recon_part receives in all, it is
+// eq. 3's direct (1 - m) * (cg_pos + cg_neg) plus the distances' u_pos + u_neg.
+template <typename T>
+inline void direct_row_with_distances(const T* __restrict__ x, const T* __restrict__ r_pos, const T* __restrict__ r_neg,
+                                      const T* __restrict__ g_pos, const T* __restrict__ g_neg,
+                                      const T* __restrict__ c_pos, const T* __restrict__ c_neg,
+                                      const T* __restrict__ m, T eps, int64_t n, T* __restrict__ direct) {
+  for (int64_t l = 0; l < n; ++l) {
+    const T u = c_pos[l] * ((x[l] - r_pos[l]) + eps) + c_neg[l] * ((x[l] - r_neg[l]) + eps);
+    direct[l] = (T(1) - m[l]) * (g_pos[l] + g_neg[l]) + m[l] * u;
+  }
+}
+
+// direct = (1 - m) * (g_pos + g_neg): the anchor's direct term of eq. 3 when the distances carry no gradient.
+template <typename T>
+inline void direct_row(const T* __restrict__ g_pos, const T* __restrict__ g_neg, const T* __restrict__ m, int64_t n,
+                       T* __restrict__ direct) {
+  for (int64_t l = 0; l < n; ++l) direct[l] = (T(1) - m[l]) * (g_pos[l] + g_neg[l]);
+}
+
+// cg = g - c * ((x - r) + eps), one row: what a reconstruction receives in all (its own gradient and
+// the distance's, eq. 10).
+template <typename T>
+inline void total_row(const T* __restrict__ g, const T* __restrict__ x, const T* __restrict__ r,
+                      const T* __restrict__ c, T eps, int64_t n, T* __restrict__ cg) {
+  for (int64_t l = 0; l < n; ++l) cg[l] = g[l] - c[l] * ((x[l] - r[l]) + eps);
+}
+
 template <typename T>
 struct PairsBackward {
   const at::Tensor& x;
-  const at::Tensor* grad[2];
+  const at::Tensor* grad[2];   // gradients of recon_pos / recon_neg
+  const at::Tensor* recon[2];
+  const T* coef;               // (2, N, L) distances' gradient / distance (distance_coefficient), or null
   const T* m;
   const int64_t* const* partner;
   const at::Tensor& probs;
   at::Tensor& gmat;  // (2, N, L, L): G of every (anchor, partner)
   at::Tensor& grad_x;
+  std::vector<at::Tensor>& scratch;  // per thread: (2, C, L)
   const T* inv;
   const T* radial;
-  T t;
-  int64_t C, L;
+  T t, eps;
+  int64_t N, C, L;
 
-  // Phase 1 for anchor i: G of both partners, then grad_x[i] (its query role and the blend's direct term).
+  // grad_x[i] = the anchor's direct terms (eq. 3's (1 - m) path and the distances' gradients).
+  void direct_terms(int64_t i) const {
+    constexpr int64_t kChunk = 64;
+    const int64_t o = i * C * L;
+    const T* g[2] = {grad[0]->const_data_ptr<T>() + o, grad[1]->const_data_ptr<T>() + o};
+    const T* r[2] = {recon[0]->const_data_ptr<T>() + o, recon[1]->const_data_ptr<T>() + o};
+    const T* xi = x.const_data_ptr<T>() + o;
+    const T* mi = m + i * L;
+    T* gx = grad_x.mutable_data_ptr<T>() + o;
+    parallel_over((L + kChunk - 1) / kChunk, 5 * C * kChunk, [&](int64_t chunk) {
+      const int64_t begin = chunk * kChunk, cols = std::min(L, begin + kChunk) - begin;
+      with_cpu_isa([&] {
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t k = c * L + begin;
+          if (coef == nullptr) {
+            direct_row(g[0] + k, g[1] + k, mi + begin, cols, gx + k);
+          } else {
+            direct_row_with_distances(xi + k, r[0] + k, r[1] + k, g[0] + k, g[1] + k, coef + i * L + begin,
+                                      coef + (N + i) * L + begin, mi + begin, eps, cols, gx + k);
+          }
+        }
+      });
+    });
+  }
+
+  // What recon_part of anchor i receives in all: its gradient itself, or (with the distances' gradient)
+  // that minus the distance's term, written into `out` (C, L).
+  at::Tensor total(int64_t i, int part, at::Tensor& out) const {
+    if (coef == nullptr) return grad[part]->select(0, i);
+    const int64_t o = i * C * L;
+    const T* g = grad[part]->const_data_ptr<T>() + o;
+    const T* r = recon[part]->const_data_ptr<T>() + o;
+    const T* xi = x.const_data_ptr<T>() + o;
+    const T* c = coef + (part * N + i) * L;
+    T* cg = out.mutable_data_ptr<T>();
+    timed(phase::kBwdDirect, 0, [&] {
+      parallel_over(C, 4 * L, [&](int64_t ch) {
+        with_cpu_isa([&] { total_row(g + ch * L, xi + ch * L, r + ch * L, c, eps, L, cg + ch * L); });
+      });
+    });
+    return out;
+  }
+
+  // Phase 1 for anchor i: its direct terms, G of both partners, then its query role.
   void anchor(int64_t i) const {
-    at::Tensor gx = grad_x.select(0, i);
+    timed(phase::kBwdDirect, 0, [&] { direct_terms(i); });
+    at::Tensor& mine = scratch[at::get_thread_num()];
+    at::Tensor acc = mine.select(0, 0), buffer = mine.select(0, 1);
     for (int part = 0; part < 2; ++part) {
       const int64_t j = partner[part][i];
       const at::Tensor xj = x.select(0, j);
       at::Tensor d = gmat.select(0, part).select(0, i);
       const at::Tensor prob = probs.select(0, part).select(0, i);
-      timed(phase::kBwdProbGrad, 2 * C * L * L, [&] { at::mm_out(d, grad[part]->select(0, i).t(), xj); });
+      const at::Tensor cg = total(i, part, buffer);
+      timed(phase::kBwdProbGrad, 2 * C * L * L, [&] { at::mm_out(d, cg.t(), xj); });
       timed(phase::kBwdSoftmax, 0, [&] {
         pair_score_gradients(prob.const_data_ptr<T>(), d.mutable_data_ptr<T>(), L, m + i * L, inv + i * L,
                              inv + j * L, t);
       });
       timed(phase::kBwdQueryGrad, 2 * C * L * L, [&] {
-        if (part == 0) at::mm_out(gx, xj, d.t());
-        else gx.addmm_(xj, d.t());
+        if (part == 0) at::mm_out(acc, xj, d.t());
+        else acc.addmm_(xj, d.t());
       });
     }
     timed(phase::kBwdNormalize, 0, [&] {
-      T* g = gx.mutable_data_ptr<T>();
-      add_normalized(g, g, x.const_data_ptr<T>() + i * C * L, radial + i * L, C, L, m + i * L,
-                     grad[0]->const_data_ptr<T>() + i * C * L, grad[1]->const_data_ptr<T>() + i * C * L);
+      add_normalized(grad_x.mutable_data_ptr<T>() + i * C * L, acc.const_data_ptr<T>(),
+                     x.const_data_ptr<T>() + i * C * L, radial + i * L, C, L);
     });
   }
 
@@ -902,7 +1012,9 @@ struct PairsBackward {
   void partner_sample(int64_t j, const Incoming& in) const {
     const int64_t begin = in.offsets[j], end = in.offsets[j + 1];
     if (begin == end) return;
-    at::Tensor acc = at::empty({C, L}, x.options());
+    at::Tensor& mine = scratch[at::get_thread_num()];
+    at::Tensor acc = mine.select(0, 0);
+    at::Tensor buffer = mine.select(0, 1);
     at::Tensor weighted = at::empty({L, L}, x.options());
     at::Tensor gx = grad_x.select(0, j);
     timed(phase::kBwdKeyGrad, 2 * C * L * L * (end - begin), [&] {
@@ -915,8 +1027,7 @@ struct PairsBackward {
     });
     timed(phase::kBwdNormalize, 0, [&] {
       add_normalized(gx.mutable_data_ptr<T>(), acc.const_data_ptr<T>(), x.const_data_ptr<T>() + j * C * L,
-                     radial + j * L, C, L, static_cast<const T*>(nullptr), static_cast<const T*>(nullptr),
-                     static_cast<const T*>(nullptr));
+                     radial + j * L, C, L);
     });
     timed(phase::kBwdValueGrad, 2 * C * L * L * (end - begin), [&] {
       for (int64_t e = begin; e < end; ++e) {
@@ -924,18 +1035,32 @@ struct PairsBackward {
         // (g * m_i) P = g (diag(m_i) P): the blend weight moved onto the probabilities' rows
         scale_rows(probs.select(0, part).select(0, i).const_data_ptr<T>(), m + i * L, L, L,
                    weighted.mutable_data_ptr<T>());
-        gx.addmm_(grad[part]->select(0, i), weighted);
+        const at::Tensor cg = total(i, static_cast<int>(part), buffer);
+        gx.addmm_(cg, weighted);
       }
     });
   }
 };
 
-at::Tensor cmalign_pairs_bwd_cpu(const at::Tensor& grad_pos, const at::Tensor& grad_neg, const at::Tensor& x,
+void check_pairs_distances(const at::Tensor& t, const char* name, int64_t N, int64_t L, const at::Tensor& x) {
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == acc && t.is_contiguous() &&
+                  t.sizes() == at::IntArrayRef({2, N, L}),
+              name, ": expected a contiguous ", acc, " CPU tensor of shape (2, ", N, ", ", L,
+              ") (like cmalign_pairs_fwd's fifth output), got ", t.scalar_type(), " of shape ", t.sizes());
+}
+
+at::Tensor cmalign_pairs_bwd_cpu(const at::Tensor& grad_pos, const at::Tensor& grad_neg,
+                                 const std::optional<at::Tensor>& grad_dist, const at::Tensor& x,
                                  const at::Tensor& mask, const at::Tensor& pos_idx, const at::Tensor& neg_idx,
-                                 const at::Tensor& probs, double temperature) {
+                                 const at::Tensor& probs, const at::Tensor& recon_pos, const at::Tensor& recon_neg,
+                                 const at::Tensor& dist, double temperature, double eps) {
   check_pairs_inputs(x, mask, temperature);
+  check_eps(eps);
   check_like_shape(grad_pos, "grad_pos", x.sizes(), x);
   check_like_shape(grad_neg, "grad_neg", x.sizes(), x);
+  check_like_shape(recon_pos, "recon_pos", x.sizes(), x);
+  check_like_shape(recon_neg, "recon_neg", x.sizes(), x);
   const int64_t N = x.size(0), C = x.size(1), L = x.size(2);
   const int64_t* const partner[2] = {check_partner_index(pos_idx, "pos_idx", N),
                                      check_partner_index(neg_idx, "neg_idx", N)};
@@ -944,10 +1069,14 @@ at::Tensor cmalign_pairs_bwd_cpu(const at::Tensor& grad_pos, const at::Tensor& g
                   probs.sizes() == at::IntArrayRef({2, N, L, L}),
               "probs: expected a contiguous ", acc, " CPU tensor of shape (2, ", N, ", ", L, ", ", L,
               ") (cmalign_pairs_fwd's fourth output), got ", probs.scalar_type(), " of shape ", probs.sizes());
+  check_pairs_distances(dist, "dist", N, L, x);
+  const bool has_grad_dist = grad_dist.has_value() && grad_dist->defined();
+  if (has_grad_dist) check_pairs_distances(*grad_dist, "grad_dist", N, L, x);
   phase::begin_call();
   if (is_reduced_float(x)) {  // compute in float32, return in the input dtype
     const auto f = [](const at::Tensor& t) { return t.to(at::kFloat); };
-    return cmalign_pairs_bwd_cpu(f(grad_pos), f(grad_neg), f(x), f(mask), pos_idx, neg_idx, probs, temperature)
+    return cmalign_pairs_bwd_cpu(f(grad_pos), f(grad_neg), grad_dist, f(x), f(mask), pos_idx, neg_idx, probs,
+                                 f(recon_pos), f(recon_neg), dist, temperature, eps)
         .to(x.scalar_type());
   }
   at::Tensor grad_x = empty_large(x.sizes(), x.options());
@@ -956,11 +1085,38 @@ at::Tensor cmalign_pairs_bwd_cpu(const at::Tensor& grad_pos, const at::Tensor& g
     using T = scalar_t;
     at::Tensor inv = at::empty({N, L}, x.options()), radial = at::empty({N, L}, x.options());
     at::Tensor gmat = empty_large({2, N, L, L}, x.options());
+    // The distances' gradient coefficients g / d, (2, N, L); each recon's total gradient is then
+    // rebuilt per (anchor, partner) in a per-thread (C, L) buffer where a product needs it, rather
+    // than kept as two more (N, C, L) maps (fresh memory costs more than the pass that fills it).
+    at::Tensor coef;
+    if (has_grad_dist) {
+      coef = at::empty({2, N, L}, x.options());
+      const T* gd = grad_dist->const_data_ptr<T>();
+      const T* d = dist.const_data_ptr<T>();
+      T* c = coef.mutable_data_ptr<T>();
+      for (int64_t k = 0; k < 2 * N * L; ++k) c[k] = distance_coefficient(gd[k], d[k]);
+    }
+    std::vector<at::Tensor> scratch;
+    for (int64_t k = 0; k < at::get_num_threads(); ++k) scratch.push_back(at::empty({2, C, L}, x.options()));
     all_inverse_norms(x.const_data_ptr<T>(), N, C, L, inv.mutable_data_ptr<T>(), radial.mutable_data_ptr<T>());
     const Incoming in = incoming_pairs(partner, N);
-    const PairsBackward<T> bwd{x,      {&grad_pos, &grad_neg}, mask.const_data_ptr<T>(), partner,
-                               probs,  gmat,                   grad_x,                   inv.const_data_ptr<T>(),
-                               radial.const_data_ptr<T>(),     static_cast<T>(temperature), C, L};
+    const PairsBackward<T> bwd{x,
+                               {&grad_pos, &grad_neg},
+                               {&recon_pos, &recon_neg},
+                               has_grad_dist ? coef.const_data_ptr<T>() : nullptr,
+                               mask.const_data_ptr<T>(),
+                               partner,
+                               probs,
+                               gmat,
+                               grad_x,
+                               scratch,
+                               inv.const_data_ptr<T>(),
+                               radial.const_data_ptr<T>(),
+                               static_cast<T>(temperature),
+                               static_cast<T>(eps),
+                               N,
+                               C,
+                               L};
     for_each_sample(N, [&](int64_t i) { bwd.anchor(i); });
     for_each_sample(N, [&](int64_t j) { bwd.partner_sample(j, in); });
   });
