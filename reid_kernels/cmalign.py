@@ -366,8 +366,9 @@ class _FusedPartnerReconstructions(torch.autograd.Function):
     @staticmethod
     def first_order_backward(ctx, grad_pos, grad_neg, grad_dist):
         x, mask, pos_idx, neg_idx, probs, recon_pos, recon_neg, dist = ctx.saved_tensors
-        grad_pos = torch.zeros_like(x) if grad_pos is None else grad_pos.contiguous()
-        grad_neg = torch.zeros_like(x) if grad_neg is None else grad_neg.contiguous()
+        # None stays None: the kernel reads it as zeros (no (N, C, L) buffer of them)
+        grad_pos = None if grad_pos is None else grad_pos.contiguous()
+        grad_neg = None if grad_neg is None else grad_neg.contiguous()
         grad_dist = None if grad_dist is None else grad_dist.to(dist.dtype).contiguous()
         grad_x = torch.ops.reid_kernels.cmalign_pairs_bwd(
             grad_pos, grad_neg, grad_dist, x, mask, pos_idx, neg_idx, probs, recon_pos, recon_neg, dist,

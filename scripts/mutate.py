@@ -35,6 +35,8 @@ KERNEL_TESTS = [
     "tests/test_cmalign_errors.py",
     "tests/test_dense_triplet.py",
 ]
+# The fused CPU cmalign path and the CPU dense triplet.
+FUSED_CPU_TESTS = ["tests/test_cmalign_cpu_paths.py", "tests/test_dense_triplet.py", "tests/test_cmalign.py"]
 # The emulated CUDA tests (tests/cuda_emu/): one list per kernel file.
 EMU_MEMORY = ["tests/test_emu_memory_update.py"]
 EMU_TRIPLET = ["tests/test_emu_dense_triplet.py"]
@@ -49,6 +51,14 @@ MUTANTS = {
     3: ("CPU soft_warp: lse is one too large", KERNEL_TESTS),
     4: ("CPU probability-cache cap 128 MiB instead of 256 MiB", KERNEL_TESTS),
     5: ("CPU soft_warp on float16 / bfloat16: a 1% higher temperature", KERNEL_TESTS),
+    6: ("CPU fused cmalign forward: eps dropped from the dense triplet's distances", FUSED_CPU_TESTS),
+    7: ("CPU fused cmalign backward: eps dropped from the distances' gradient (each recon's total)", FUSED_CPU_TESTS),
+    8: ("CPU fused cmalign backward: no zero-distance guard (g / d at d = 0)", FUSED_CPU_TESTS),
+    9: ("CPU fused cmalign backward: phase 2 skips the value gradient of negative partners", FUSED_CPU_TESTS),
+    10: ("CPU soft_warp / cmalign: row_sum drops the tail after the last 16 lanes (softmax normaliser)",
+         FUSED_CPU_TESTS),
+    11: ("CPU masked_dense_triplet backward: grad_negative with the wrong sign", FUSED_CPU_TESTS),
+    12: ("CPU fused cmalign backward: the distances' anchor term weighted by 1 - m instead of m", FUSED_CPU_TESTS),
     101: ("lba_pairs: negatives drawn from the anchor's own modality", ["tests/test_pairs.py"]),
     102: ("lba_pairs: positives drawn from the anchor's own modality", ["tests/test_pairs.py"]),
     103: ("evaluate_ranking: two true matches at one distance not sent to the stable sort (the `repeated` "

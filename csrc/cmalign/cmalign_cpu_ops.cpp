@@ -152,10 +152,11 @@ TORCH_LIBRARY_FRAGMENT(reid_kernels, m) {
   // over the channels at each position, the dense triplet's distances (eq. 10).
   m.def("cmalign_pairs_fwd(Tensor x, Tensor mask, Tensor pos_idx, Tensor neg_idx, float temperature, float eps) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // grad_pos, grad_neg (N, C, L): gradients of recon_pos, recon_neg; grad_dist (2, N, L) of dist, or None
+  // grad_pos, grad_neg (N, C, L): gradients of recon_pos, recon_neg; grad_dist (2, N, L) of dist; each may be
+  // None (no gradient: zeros)
   // -> grad_x (N, C, L), through the anchor, both partners (cosines and values), the blend and the
   // distances; the mask gets none (detached).  recon_pos, recon_neg, dist: the forward's outputs.
-  m.def("cmalign_pairs_bwd(Tensor grad_pos, Tensor grad_neg, Tensor? grad_dist, Tensor x, Tensor mask, "
+  m.def("cmalign_pairs_bwd(Tensor? grad_pos, Tensor? grad_neg, Tensor? grad_dist, Tensor x, Tensor mask, "
         "Tensor pos_idx, Tensor neg_idx, Tensor probs, Tensor recon_pos, Tensor recon_neg, Tensor dist, "
         "float temperature, float eps) -> Tensor");
   // Phase timers of the CPU kernels (REID_KERNELS_CMALIGN_PROFILE=1; cpu_phase_timer.h).

@@ -238,7 +238,7 @@ inline T row_sum(const T* __restrict__ x, int64_t n) {
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes)
     for (int64_t k = 0; k < kLanes; ++k) lane[k] += x[j + k];
-  for (int64_t k = 0; j + k < n; ++k) lane[k] += x[j + k];
+  for (int64_t k = 0; j + k < n && !REID_MUTANT(10); ++k) lane[k] += x[j + k];
   return combine_lanes(lane, add_op<T>);
 }
 
@@ -740,7 +740,7 @@ template <typename T>
 inline void add_squared_differences(const T* __restrict__ x, const T* __restrict__ r, double eps, int64_t n,
                                     double* __restrict__ acc) {
   for (int64_t l = 0; l < n; ++l) {
-    const double diff = (static_cast<double>(x[l]) - static_cast<double>(r[l])) + eps;
+    const double diff = (static_cast<double>(x[l]) - static_cast<double>(r[l])) + (REID_MUTANT(6) ? 0.0 : eps);
     acc[l] += diff * diff;
   }
 }
@@ -888,7 +888,7 @@ Incoming incoming_pairs(const int64_t* const partner[2], int64_t N) {
 // norm's subgradient, as torch.linalg.vector_norm), NaN passed on where d is NaN.
 template <typename T>
 inline T distance_coefficient(T grad, T d) {
-  return d > T(0) || std::isnan(d) ? grad / d : T(0);
+  return d > T(0) || std::isnan(d) || REID_MUTANT(8) ? grad / d : T(0);
 }
 
 // direct = keep * (g_pos + g_neg) + m * (c_pos * ((x - r_pos) + eps) + c_neg * ((x - r_neg) + eps)), one row:
@@ -902,7 +902,7 @@ inline void direct_row_with_distances(const T* __restrict__ x, const T* __restri
                                       const T* __restrict__ m, T eps, int64_t n, T* __restrict__ direct) {
   for (int64_t l = 0; l < n; ++l) {
     const T u = c_pos[l] * ((x[l] - r_pos[l]) + eps) + c_neg[l] * ((x[l] - r_neg[l]) + eps);
-    direct[l] = (T(1) - m[l]) * (g_pos[l] + g_neg[l]) + m[l] * u;
+    direct[l] = (T(1) - m[l]) * (g_pos[l] + g_neg[l]) + (REID_MUTANT(12) ? T(1) - m[l] : m[l]) * u;
   }
 }
 
@@ -918,13 +918,14 @@ inline void direct_row(const T* __restrict__ g_pos, const T* __restrict__ g_neg,
 template <typename T>
 inline void total_row(const T* __restrict__ g, const T* __restrict__ x, const T* __restrict__ r,
                       const T* __restrict__ c, T eps, int64_t n, T* __restrict__ cg) {
-  for (int64_t l = 0; l < n; ++l) cg[l] = g[l] - c[l] * ((x[l] - r[l]) + eps);
+  for (int64_t l = 0; l < n; ++l) cg[l] = g[l] - c[l] * ((x[l] - r[l]) + (REID_MUTANT(7) ? T(0) : eps));
 }
 
 template <typename T>
 struct PairsBackward {
   const at::Tensor& x;
-  const at::Tensor* grad[2];   // gradients of recon_pos / recon_neg
+  const at::Tensor* grad[2];   // gradients of recon_pos / recon_neg (undefined: none, read as zeros)
+  const at::Tensor& zeros;     // (C, L) zeros: an undefined gradient's rows
   const at::Tensor* recon[2];
   const T* coef;               // (2, N, L) distances' gradient / distance (distance_coefficient), or null
   const T* m;
@@ -938,11 +939,19 @@ struct PairsBackward {
   T t, eps;
   int64_t N, C, L;
 
+  // Anchor i's (C, L) slice of recon_part's gradient (zeros when it has none) and as a tensor.
+  const T* grad_of(int64_t i, int part) const {
+    return grad[part]->defined() ? grad[part]->const_data_ptr<T>() + i * C * L : zeros.const_data_ptr<T>();
+  }
+  at::Tensor grad_tensor(int64_t i, int part) const {
+    return grad[part]->defined() ? grad[part]->select(0, i) : zeros;
+  }
+
   // grad_x[i] = the anchor's direct terms (eq. 3's (1 - m) path and the distances' gradients).
   void direct_terms(int64_t i) const {
     constexpr int64_t kChunk = 64;
     const int64_t o = i * C * L;
-    const T* g[2] = {grad[0]->const_data_ptr<T>() + o, grad[1]->const_data_ptr<T>() + o};
+    const T* g[2] = {grad_of(i, 0), grad_of(i, 1)};
     const T* r[2] = {recon[0]->const_data_ptr<T>() + o, recon[1]->const_data_ptr<T>() + o};
     const T* xi = x.const_data_ptr<T>() + o;
     const T* mi = m + i * L;
@@ -966,9 +975,9 @@ struct PairsBackward {
   // What recon_part of anchor i receives in all: its gradient itself, or (with the distances' gradient)
   // that minus the distance's term, written into `out` (C, L).
   at::Tensor total(int64_t i, int part, at::Tensor& out) const {
-    if (coef == nullptr) return grad[part]->select(0, i);
+    if (coef == nullptr) return grad_tensor(i, part);
     const int64_t o = i * C * L;
-    const T* g = grad[part]->const_data_ptr<T>() + o;
+    const T* g = grad_of(i, part);
     const T* r = recon[part]->const_data_ptr<T>() + o;
     const T* xi = x.const_data_ptr<T>() + o;
     const T* c = coef + (part * N + i) * L;
@@ -1032,6 +1041,7 @@ struct PairsBackward {
     timed(phase::kBwdValueGrad, 2 * C * L * L * (end - begin), [&] {
       for (int64_t e = begin; e < end; ++e) {
         const int64_t i = in.pairs[e] / 2, part = in.pairs[e] % 2;
+        if (REID_MUTANT(9) && part == 1) continue;
         // (g * m_i) P = g (diag(m_i) P): the blend weight moved onto the probabilities' rows
         scale_rows(probs.select(0, part).select(0, i).const_data_ptr<T>(), m + i * L, L, L,
                    weighted.mutable_data_ptr<T>());
@@ -1050,15 +1060,20 @@ void check_pairs_distances(const at::Tensor& t, const char* name, int64_t N, int
               ") (like cmalign_pairs_fwd's fifth output), got ", t.scalar_type(), " of shape ", t.sizes());
 }
 
-at::Tensor cmalign_pairs_bwd_cpu(const at::Tensor& grad_pos, const at::Tensor& grad_neg,
+at::Tensor cmalign_pairs_bwd_cpu(const std::optional<at::Tensor>& grad_pos_opt,
+                                 const std::optional<at::Tensor>& grad_neg_opt,
                                  const std::optional<at::Tensor>& grad_dist, const at::Tensor& x,
                                  const at::Tensor& mask, const at::Tensor& pos_idx, const at::Tensor& neg_idx,
                                  const at::Tensor& probs, const at::Tensor& recon_pos, const at::Tensor& recon_neg,
                                  const at::Tensor& dist, double temperature, double eps) {
   check_pairs_inputs(x, mask, temperature);
   check_eps(eps);
-  check_like_shape(grad_pos, "grad_pos", x.sizes(), x);
-  check_like_shape(grad_neg, "grad_neg", x.sizes(), x);
+  // An undefined gradient is a recon that no loss used (LbA's recon_neg: only the dense triplet's
+  // distances reach it), read as zeros without an (N, C, L) buffer of them.
+  const at::Tensor grad_pos = grad_pos_opt.has_value() ? *grad_pos_opt : at::Tensor();
+  const at::Tensor grad_neg = grad_neg_opt.has_value() ? *grad_neg_opt : at::Tensor();
+  if (grad_pos.defined()) check_like_shape(grad_pos, "grad_pos", x.sizes(), x);
+  if (grad_neg.defined()) check_like_shape(grad_neg, "grad_neg", x.sizes(), x);
   check_like_shape(recon_pos, "recon_pos", x.sizes(), x);
   check_like_shape(recon_neg, "recon_neg", x.sizes(), x);
   const int64_t N = x.size(0), C = x.size(1), L = x.size(2);
@@ -1074,7 +1089,7 @@ at::Tensor cmalign_pairs_bwd_cpu(const at::Tensor& grad_pos, const at::Tensor& g
   if (has_grad_dist) check_pairs_distances(*grad_dist, "grad_dist", N, L, x);
   phase::begin_call();
   if (is_reduced_float(x)) {  // compute in float32, return in the input dtype
-    const auto f = [](const at::Tensor& t) { return t.to(at::kFloat); };
+    const auto f = [](const at::Tensor& t) { return t.defined() ? t.to(at::kFloat) : t; };
     return cmalign_pairs_bwd_cpu(f(grad_pos), f(grad_neg), grad_dist, f(x), f(mask), pos_idx, neg_idx, probs,
                                  f(recon_pos), f(recon_neg), dist, temperature, eps)
         .to(x.scalar_type());
@@ -1096,12 +1111,14 @@ at::Tensor cmalign_pairs_bwd_cpu(const at::Tensor& grad_pos, const at::Tensor& g
       T* c = coef.mutable_data_ptr<T>();
       for (int64_t k = 0; k < 2 * N * L; ++k) c[k] = distance_coefficient(gd[k], d[k]);
     }
+    const at::Tensor zeros = at::zeros({C, L}, x.options());
     std::vector<at::Tensor> scratch;
     for (int64_t k = 0; k < at::get_num_threads(); ++k) scratch.push_back(at::empty({2, C, L}, x.options()));
     all_inverse_norms(x.const_data_ptr<T>(), N, C, L, inv.mutable_data_ptr<T>(), radial.mutable_data_ptr<T>());
     const Incoming in = incoming_pairs(partner, N);
     const PairsBackward<T> bwd{x,
                                {&grad_pos, &grad_neg},
+                               zeros,
                                {&recon_pos, &recon_neg},
                                has_grad_dist ? coef.const_data_ptr<T>() : nullptr,
                                mask.const_data_ptr<T>(),

@@ -15,6 +15,7 @@
 #include "cpu_buffers.h"
 #include "cpu_isa.h"
 #include "dense_triplet/masked_dense_triplet.h"
+#include "mutation.h"
 
 namespace reid_kernels {
 namespace dense_triplet {
@@ -82,7 +83,7 @@ inline void row_gradients(const T* __restrict__ a, const T* __restrict__ p, cons
     const T gn = neg_scale[j] * (a[j] - ng[j]);
     grad_a[j] = gp - gn;
     grad_p[j] = -gp;
-    grad_n[j] = gn;
+    grad_n[j] = REID_MUTANT(11) ? -gn : gn;
   }
 }
 
