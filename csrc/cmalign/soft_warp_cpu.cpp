@@ -657,15 +657,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_warp_bwd_cpu(const at::Tenso
 // backward five more (N, C, L) buffers (partner gradients, scattered with index_add_) plus
 // element-wise passes over them in Python.  Here the partners are read in place through the
 // indices, each sample's norms are computed once, the blend of eq. 3 rides in the warp's matrix
-// product (x_i diag(1 - m) + x_j (diag(m) P)^T), and the backward runs in two phases:
-//   1. per anchor i: dP = (g * m_i)^T x_j and G (the softmax backward) for both partners j,
-//      grad_x[i] = normalisation backward of sum_j x_j G^T, plus the blend's direct term;
+// product (x_i diag(1 - m) + x_j (diag(m) P)^T), and the dense triplet's distances (eq. 10,
+// d_part = ||x_i - recon_part + eps|| at each position) are taken while the anchor's maps are in
+// cache, returned as a (2, N, L) output so that the hinge, the weighting and the mean (eqs. 10-11)
+// run in Python on (N, L) tensors.  The backward receives the distances' gradient with the
+// reconstructions' and runs in two phases:
+//   1. per anchor i: grad_x[i] = its direct terms ((1 - m) times what the recons receive, plus the
+//      distances' own x_i terms); for both partners j the recon's total gradient cg (its gradient
+//      minus the distance's term, rebuilt in a per-thread buffer), dP = (cg * m_i)^T x_j and G (the
+//      softmax backward); then the normalisation backward of sum_j x_j G^T added to grad_x[i];
 //   2. per sample j: every (anchor, partner) pair that used x[j] as key and value adds
-//      x_i G (normalisation-backward with x[j]'s norms) and (g * m_i) P to grad_x[j], in the
+//      x_i G (normalisation-backward with x[j]'s norms) and (cg * m_i) P to grad_x[j], in the
 //      order of the anchors: no scatter, no atomics, the same sums at any thread count.
 // Same matrix products as soft_warp_fwd / soft_warp_bwd with the probability cache: two in the
 // forward and four in the backward per (anchor, partner); the probabilities of both partners
-// are kept, (2, N, L, L), the same bytes as the two soft_warp caches.
+// are kept, (2, N, L, L), the same bytes as the two soft_warp caches.  The only (N, C, L) maps
+// written are the outputs (recon_pos, recon_neg; grad_x): the masked dense triplet's backward
+// would write three more, and autograd would add them to these.
 
 // out[p, l] = w[p] * m[p, l] over a (rows, cols) matrix.
 template <typename T>
