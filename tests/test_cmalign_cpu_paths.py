@@ -149,6 +149,30 @@ def test_cpu_path_zero_distances(monkeypatch, path):
     torch.testing.assert_close(grad, _weighted_grad(want, leaf, 7), **TOL[torch.float64])
 
 
+def test_fused_path_from_concurrent_threads(monkeypatch):
+    """Two Python threads running the fused forward and backward at once (as autograd threads or a
+    data-parallel wrapper would): each call's buffers are its own, so each gets the result it gets alone."""
+    import threading
+
+    pos_idx, neg_idx = reid_kernels.lba_pairs(4, 2, generator=torch.Generator().manual_seed(27))
+    feats = [_feat((16, 24, 6, 3), torch.float64, seed=28 + k) for k in range(2)]
+    alone = [_run("fused", monkeypatch, f, pos_idx, neg_idx)[1] for f in feats]
+    results = [None, None]
+
+    def work(k):
+        leaf = feats[k].clone().requires_grad_()
+        out = reid_kernels.cmalign(leaf, pos_idx, neg_idx)
+        results[k] = _weighted_grad(out, leaf, 7)
+
+    workers = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    for got, want in zip(results, alone):  # measured: equal; the tolerance allows BLAS thread-count rounding
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_fused_and_per_partner_agree(monkeypatch):
     """The two paths sum the same products in different orders: float64 results agree to rounding."""
     feat = _feat((16, 32, 6, 3), torch.float64, seed=8)

@@ -130,20 +130,29 @@ at::Tensor probability_cache(const Dims& d, const at::Tensor& query) {
 // as threads.  Otherwise they run one after another and the parallelism is
 // inside: BLAS spreads each matrix product over the threads and the
 // element-wise loops use at::parallel_for (which runs inline when nested).
-template <typename Body>
-void for_each_sample(int64_t N, const Body& body) {
+// chunk(begin, end) runs the samples [begin, end) one after another, each chunk on one thread:
+// per-thread scratch buffers belong in it (allocated once per chunk, never shared).
+template <typename Chunk>
+void for_each_sample_chunk(int64_t N, const Chunk& chunk) {
   if (N > 1 && N >= at::get_num_threads()) {
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
       // Worker threads do not inherit the caller's dispatcher state; the ATen
       // calls below only do arithmetic on our own buffers and views, so run
       // them without autograd / inference-tensor checks.
       c10::InferenceMode guard;
-      for (int64_t n = begin; n < end; ++n) body(n);
+      chunk(begin, end);
     });
   } else {
     c10::InferenceMode guard;
-    for (int64_t n = 0; n < N; ++n) body(n);
+    chunk(0, N);
   }
+}
+
+template <typename Body>
+void for_each_sample(int64_t N, const Body& body) {
+  for_each_sample_chunk(N, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) body(n);
+  });
 }
 
 // fn(i) for i in [0, count), each i costing about `cost` elements of work.
@@ -941,7 +950,6 @@ struct PairsBackward {
   const at::Tensor& probs;
   at::Tensor& gmat;  // (2, N, L, L): G of every (anchor, partner)
   at::Tensor& grad_x;
-  std::vector<at::Tensor>& scratch;  // per thread: (2, C, L)
   const T* inv;
   const T* radial;
   T t, eps;
@@ -998,10 +1006,12 @@ struct PairsBackward {
     return out;
   }
 
+  // A (2, C, L) buffer for one thread's chunk of samples (anchor / partner_sample's scratch).
+  at::Tensor scratch() const { return at::empty({2, C, L}, x.options()); }
+
   // Phase 1 for anchor i: its direct terms, G of both partners, then its query role.
-  void anchor(int64_t i) const {
+  void anchor(int64_t i, at::Tensor& mine) const {
     timed(phase::kBwdDirect, 0, [&] { direct_terms(i); });
-    at::Tensor& mine = scratch[at::get_thread_num()];
     at::Tensor acc = mine.select(0, 0), buffer = mine.select(0, 1);
     for (int part = 0; part < 2; ++part) {
       const int64_t j = partner[part][i];
@@ -1026,10 +1036,9 @@ struct PairsBackward {
   }
 
   // Phase 2 for sample j: what it receives as key (through the cosines) and as value.
-  void partner_sample(int64_t j, const Incoming& in) const {
+  void partner_sample(int64_t j, const Incoming& in, at::Tensor& mine) const {
     const int64_t begin = in.offsets[j], end = in.offsets[j + 1];
     if (begin == end) return;
-    at::Tensor& mine = scratch[at::get_thread_num()];
     at::Tensor acc = mine.select(0, 0);
     at::Tensor buffer = mine.select(0, 1);
     at::Tensor weighted = at::empty({L, L}, x.options());
@@ -1120,8 +1129,6 @@ at::Tensor cmalign_pairs_bwd_cpu(const std::optional<at::Tensor>& grad_pos_opt,
       for (int64_t k = 0; k < 2 * N * L; ++k) c[k] = distance_coefficient(gd[k], d[k]);
     }
     const at::Tensor zeros = at::zeros({C, L}, x.options());
-    std::vector<at::Tensor> scratch;
-    for (int64_t k = 0; k < at::get_num_threads(); ++k) scratch.push_back(at::empty({2, C, L}, x.options()));
     all_inverse_norms(x.const_data_ptr<T>(), N, C, L, inv.mutable_data_ptr<T>(), radial.mutable_data_ptr<T>());
     const Incoming in = incoming_pairs(partner, N);
     const PairsBackward<T> bwd{x,
@@ -1134,7 +1141,6 @@ at::Tensor cmalign_pairs_bwd_cpu(const std::optional<at::Tensor>& grad_pos_opt,
                                probs,
                                gmat,
                                grad_x,
-                               scratch,
                                inv.const_data_ptr<T>(),
                                radial.const_data_ptr<T>(),
                                static_cast<T>(temperature),
@@ -1142,8 +1148,14 @@ at::Tensor cmalign_pairs_bwd_cpu(const std::optional<at::Tensor>& grad_pos_opt,
                                N,
                                C,
                                L};
-    for_each_sample(N, [&](int64_t i) { bwd.anchor(i); });
-    for_each_sample(N, [&](int64_t j) { bwd.partner_sample(j, in); });
+    for_each_sample_chunk(N, [&](int64_t begin, int64_t end) {
+      at::Tensor mine = bwd.scratch();
+      for (int64_t i = begin; i < end; ++i) bwd.anchor(i, mine);
+    });
+    for_each_sample_chunk(N, [&](int64_t begin, int64_t end) {
+      at::Tensor mine = bwd.scratch();
+      for (int64_t j = begin; j < end; ++j) bwd.partner_sample(j, in, mine);
+    });
   });
   return grad_x;
 }
