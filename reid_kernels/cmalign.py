@@ -418,10 +418,14 @@ def cmalign(
     sample's norms once, the blend inside the warp's matrix product, the dense triplet's
     distances taken in the same kernel (the hinge, weighting and mean of eqs. 10-11 then run on
     the (N, H*W) distances), the partner and distance gradients accumulated per sample
-    (``REID_KERNELS_CMALIGN_CPU_PATH=per-partner`` selects the path below instead).  Elsewhere one :func:`soft_warp` pass per partner, with a fused backward
-    for the gathers and blends.  The co-attention needs no second similarity: on CPU it is
-    the cached probabilities times the partner's mask, elsewhere the mask rides along as one
-    extra value channel of the positive pass.
+    (``REID_KERNELS_CMALIGN_CPU_PATH=per-partner`` selects the path below instead).  Elsewhere
+    one :func:`soft_warp` pass per partner, with a fused backward for the gathers and blends.
+    The co-attention needs no second similarity: on CPU it is the cached probabilities times
+    the partner's mask, elsewhere the mask rides along as one extra value channel of the
+    positive pass.  The hard-coded choice the fused path makes: the distances are accumulated
+    in double from the maps (as the masked dense triplet kernel), with ``eps`` added to each
+    difference, the reference's ``||a - p + eps||`` (Learning by Aligning's released code, through
+    ``TripletMarginLoss``).
     """
     _check_map("feat", feat)
     batch = feat.shape[0]
