@@ -53,7 +53,8 @@ MUTANTS = {
     5: ("CPU soft_warp on float16 / bfloat16: a 1% higher temperature", KERNEL_TESTS),
     6: ("CPU fused cmalign forward: eps dropped from the dense triplet's distances", FUSED_CPU_TESTS),
     7: ("CPU fused cmalign backward: eps dropped from the distances' gradient (each recon's total)", FUSED_CPU_TESTS),
-    8: ("CPU fused cmalign backward: no zero-distance guard (g / d at d = 0)", FUSED_CPU_TESTS),
+    8: ("CPU masked_dense_triplet and fused cmalign backward: no zero-distance guard (g / d at d = 0; "
+        "dense_triplet::distance_gradient_coefficient)", FUSED_CPU_TESTS),
     9: ("CPU fused cmalign backward: phase 2 skips the value gradient of negative partners", FUSED_CPU_TESTS),
     10: ("CPU soft_warp / cmalign: row_sum drops the tail after the last 16 lanes (softmax normaliser)",
          FUSED_CPU_TESTS),

@@ -45,6 +45,7 @@
 #include "cpu_buffers.h"
 #include "cpu_isa.h"
 #include "cmalign/soft_warp_common.h"
+#include "dense_triplet/masked_dense_triplet.h"
 #include "mutation.h"
 
 namespace reid_kernels {
@@ -196,14 +197,6 @@ template <typename T>
 inline void add_radial_difference(const T* __restrict__ a, const T* __restrict__ coef, const T* __restrict__ x,
                                   int64_t n, T* __restrict__ y) {
   for (int64_t l = 0; l < n; ++l) y[l] += a[l] - coef[l] * x[l];
-}
-
-// y[l] = (y[l] - coef[l] * x[l]) + keep[l] * (p[l] + q[l])
-template <typename T>
-inline void radial_difference_plus_direct(const T* __restrict__ coef, const T* __restrict__ x,
-                                          const T* __restrict__ keep, const T* __restrict__ p,
-                                          const T* __restrict__ q, int64_t n, T* __restrict__ y) {
-  for (int64_t l = 0; l < n; ++l) y[l] = (y[l] - coef[l] * x[l]) + keep[l] * (p[l] + q[l]);
 }
 
 // out[l] = w[l] * x[l]  (w: per column)
@@ -901,13 +894,6 @@ Incoming incoming_pairs(const int64_t* const partner[2], int64_t N) {
   return in;
 }
 
-// The distances' gradient coefficient g / d (eq. 10's ||.|| backward): 0 where d is exactly 0 (the
-// norm's subgradient, as torch.linalg.vector_norm), NaN passed on where d is NaN.
-template <typename T>
-inline T distance_coefficient(T grad, T d) {
-  return d > T(0) || std::isnan(d) || REID_MUTANT(8) ? grad / d : T(0);
-}
-
 // direct = keep * (g_pos + g_neg) + m * (c_pos * ((x - r_pos) + eps) + c_neg * ((x - r_neg) + eps)), one row:
 // an anchor's own terms.  With u_part = c_part * ((x - r_part) + eps) (d dist_part / d x times the
 // distance's gradient, eq. 10) and cg_part = g_part - u_part what recon_part receives in all, it is
@@ -942,7 +928,7 @@ template <typename T>
 struct PairsBackward {
   const at::Tensor& x;
   const at::Tensor* grad[2];   // gradients of recon_pos / recon_neg (undefined: none, read as zeros)
-  const at::Tensor& zeros;     // (C, L) zeros: an undefined gradient's rows
+  const at::Tensor& zeros;     // (C, L) zeros: an undefined gradient's rows (undefined when both are defined)
   const at::Tensor* recon[2];
   const T* coef;               // (2, N, L) distances' gradient / distance (distance_coefficient), or null
   const T* m;
@@ -1126,9 +1112,11 @@ at::Tensor cmalign_pairs_bwd_cpu(const std::optional<at::Tensor>& grad_pos_opt,
       const T* gd = grad_dist->const_data_ptr<T>();
       const T* d = dist.const_data_ptr<T>();
       T* c = coef.mutable_data_ptr<T>();
-      for (int64_t k = 0; k < 2 * N * L; ++k) c[k] = distance_coefficient(gd[k], d[k]);
+      for (int64_t k = 0; k < 2 * N * L; ++k) c[k] = dense_triplet::distance_gradient_coefficient(gd[k], d[k]);
     }
-    const at::Tensor zeros = at::zeros({C, L}, x.options());
+    // the rows of an undefined gradient (allocated only when one is)
+    const at::Tensor zeros =
+        grad_pos.defined() && grad_neg.defined() ? at::Tensor() : at::zeros({C, L}, x.options());
     all_inverse_norms(x.const_data_ptr<T>(), N, C, L, inv.mutable_data_ptr<T>(), radial.mutable_data_ptr<T>());
     const Incoming in = incoming_pairs(partner, N);
     const PairsBackward<T> bwd{x,

@@ -13,6 +13,10 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
+
+#include "mutation.h"
+
 namespace reid_kernels {
 namespace dense_triplet {
 
@@ -46,6 +50,14 @@ inline void check_triplet_args(const at::Tensor& anchor, const at::Tensor& posit
   check_map("positive", positive, anchor);
   check_map("negative", negative, anchor);
   check_position_map("weight", weight, anchor);
+}
+
+// upstream / d, a distance's backward coefficient, with the conventions above: 0 where d is exactly
+// 0 (the norm's subgradient), NaN passed on where d is NaN.  Used by the CPU triplet kernel and by
+// cmalign's fused CPU backward (csrc/cmalign/soft_warp_cpu.cpp), whose distances follow eq. 10 too.
+template <typename T>
+inline T distance_gradient_coefficient(T upstream, T d) {
+  return d > T(0) || std::isnan(d) || REID_MUTANT(8) ? upstream / d : T(0);
 }
 
 }  // namespace dense_triplet

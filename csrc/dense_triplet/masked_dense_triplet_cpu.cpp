@@ -109,8 +109,8 @@ void backward_kernel(const scalar_t* grad, const scalar_t* a, const scalar_t* p,
           const double upstream = active ? static_cast<double>(grad[idx]) * static_cast<double>(w[idx]) : 0.0;
           // 0 where a distance is exactly 0 (vector_norm's subgradient); a NaN distance passes NaN
           // to every channel, as the reference's norm backward (x / ||x||) does.
-          pos_coef[j] = d_pos > 0.0 || std::isnan(d_pos) ? upstream / d_pos : 0.0;
-          neg_coef[j] = d_neg > 0.0 || std::isnan(d_neg) ? upstream / d_neg : 0.0;
+          pos_coef[j] = distance_gradient_coefficient(upstream, d_pos);
+          neg_coef[j] = distance_gradient_coefficient(upstream, d_neg);
         }
         // The per-element products in the maps' dtype (the reference's autograd rounds them there
         // too); the distances above stay accumulated in double.  Plain arrays of one dtype, so the
