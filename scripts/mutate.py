@@ -60,6 +60,9 @@ MUTANTS = {
          FUSED_CPU_TESTS),
     11: ("CPU masked_dense_triplet backward: grad_negative with the wrong sign", FUSED_CPU_TESTS),
     12: ("CPU fused cmalign backward: the distances' anchor term weighted by 1 - m instead of m", FUSED_CPU_TESTS),
+    13: ("CPU soft_warp / cmalign: MKL's products and exponential not run one thread at a time before the "
+         "first parallel region (a fresh process's first call can race through MKL's set-up)",
+         ["tests/test_cmalign_cpu_paths.py"]),
     101: ("lba_pairs: negatives drawn from the anchor's own modality", ["tests/test_pairs.py"]),
     102: ("lba_pairs: positives drawn from the anchor's own modality", ["tests/test_pairs.py"]),
     103: ("evaluate_ranking: two true matches at one distance not sent to the stable sort (the `repeated` "

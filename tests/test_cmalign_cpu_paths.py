@@ -11,6 +11,7 @@ them one after another with threaded products otherwise), every dtype the op tak
 patterns the LbA sampler never makes (repeats, self-pairs, samples nobody uses); plus the
 operators' registrations, the phase timers and the FMA-peak micro-benchmark.
 """
+import os
 import sys
 
 import pytest
@@ -370,3 +371,44 @@ def test_fma_peak():
     assert isa == expected
     with pytest.raises(RuntimeError, match="iterations: expected a number > 0, got 0"):
         torch.ops.reid_kernels._cpu_fma_peak(0)
+
+
+# A fresh process (2 threads, MKL_VERBOSE=1) that calls cmalign twice and soft_warp once.
+_FIRST_CALLS = """
+import numpy as np, torch, reid_kernels
+feat = torch.randn(4, 6, 3, 3, dtype=torch.float64)
+pos, neg = reid_kernels.lba_pairs(np.int64(2), np.int64(1), torch.Generator().manual_seed(0))
+reid_kernels.cmalign(feat, pos, neg)
+reid_kernels.cmalign(feat.float(), pos, neg)
+reid_kernels.soft_warp(feat, feat, feat)
+"""
+
+
+def test_library_kernels_set_up_one_thread_at_a_time_before_the_first_parallel_call():
+    """MKL's first calls from two threads at the same moment can compute with less accuracy (a fresh
+    process's first cmalign gave probabilities off by 1e-9 in about 1 process of 30, see
+    initialise_library_kernels_once in csrc/cmalign/soft_warp_cpu.cpp): before the kernels' first
+    parallel region, each thread of the pool runs every product variant (float32 and float64,
+    operands plain or transposed, beta 0 or 1) and the exponential once, one thread after the other,
+    once per process.  MKL_VERBOSE lists every product with the thread that ran it (the
+    exponentials it does not list).  scripts/first_call_determinism.py measures the race itself."""
+    import re
+    import subprocess
+
+    env = dict(os.environ, MKL_VERBOSE="1", OMP_NUM_THREADS="2")
+    out = subprocess.run([sys.executable, "-c", _FIRST_CALLS], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    products = re.findall(r"MKL_VERBOSE ([SD])GEMM\(([NT]),([NT]),(\d+),(\d+),(\d+),.*TID:(\d+)", out)
+    if not products:
+        pytest.skip("torch's BLAS here is not MKL (no MKL_VERBOSE lines)")
+    warm_up = [p for p in products if p[3:6] == ("8", "8", "8")]
+    per_thread = 2 * 4 * 2  # dtypes x transpositions x betas
+    assert len(warm_up) == 2 * per_thread, f"expected the warm-up once on each of 2 threads, got {len(warm_up)}"
+    assert products[: len(warm_up)] == warm_up, "a kernel's product ran before the warm-up had finished"
+    threads_in_order = [p[6] for p in warm_up]
+    first, second = threads_in_order[0], threads_in_order[per_thread]
+    assert first != second and threads_in_order == [first] * per_thread + [second] * per_thread, (
+        f"the threads' warm-ups interleaved: {threads_in_order}")
+    for block in (warm_up[:per_thread], warm_up[per_thread:]):
+        variants = sorted(p[:3] for p in block)
+        assert variants == sorted((t, a, b) for t in "SD" for a in "NT" for b in "NT" for _ in range(2)), variants

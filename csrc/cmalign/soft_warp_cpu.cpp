@@ -35,6 +35,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <mutex>
 #include <optional>
 #include <tuple>
 #include <cstdlib>
@@ -127,6 +128,41 @@ at::Tensor probability_cache(const Dims& d, const at::Tensor& query) {
 // ---------------------------------------------------------------------------
 // Scheduling.
 
+// MKL (torch 2.13's CPU wheel: oneMKL 2024.0) sets up its matrix products and vector math lazily, on
+// their first calls in the process, and first calls made at the same moment from two threads can
+// compute with less accuracy: cmalign's first float64 call in a fresh process (N = 4, 2 threads)
+// gave one sample's probabilities relative errors of ~1e-9 (later calls: 4e-16 from the exact
+// softmax) in 4 of 120 processes (CI saw it on another CPU); after running the products alone
+// first, still in 5 of 457; after also running the exponentials (at::exp_ is MKL's vmdExp / vmsExp)
+// first, in 0 of 260 (scripts/first_call_determinism.py, on a 2-core Intel Xeon).  So before the first parallel region of the
+// process whose tasks call the library, every product variant and the exponential this file uses
+// (float32 and float64) run once on each thread of the pool, one thread at a time: as the tasks
+// make them (inside a parallel region), never two at the same moment.
+void run_every_library_kernel_we_call() {
+  for (const auto dtype : {at::kFloat, at::kDouble}) {
+    const at::Tensor a = at::ones({8, 8}, at::TensorOptions().dtype(dtype));
+    at::Tensor c = at::zeros({8, 8}, a.options());
+    for (const bool ta : {false, true})
+      for (const bool tb : {false, true}) {
+        at::mm_out(c, ta ? a.t() : a, tb ? a.t() : a);  // beta = 0
+        c.addmm_(ta ? a.t() : a, tb ? a.t() : a);       // beta = 1
+      }
+    c.exp_();  // softmax_rows' exponentials
+  }
+}
+
+void initialise_library_kernels_once() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    std::mutex one_at_a_time;
+    at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+      const std::lock_guard<std::mutex> lock(one_at_a_time);
+      c10::InferenceMode guard;
+      run_every_library_kernel_we_call();
+    });
+  });
+}
+
 // Samples are spread over the threads when there are at least as many samples
 // as threads.  Otherwise they run one after another and the parallelism is
 // inside: BLAS spreads each matrix product over the threads and the
@@ -135,6 +171,7 @@ at::Tensor probability_cache(const Dims& d, const at::Tensor& query) {
 // per-thread scratch buffers belong in it (allocated once per chunk, never shared).
 template <typename Chunk>
 void for_each_sample_chunk(int64_t N, const Chunk& chunk) {
+  if (!REID_MUTANT(13)) initialise_library_kernels_once();
   if (N > 1 && N >= at::get_num_threads()) {
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
       // Worker threads do not inherit the caller's dispatcher state; the ATen
