@@ -50,25 +50,31 @@ void squared_distances(const scalar_t* a, const scalar_t* p, const scalar_t* ng,
   }
 }
 
+// body(n, l0, width) for every work item (anchor n, positions [l0, l0 + width)), the items spread
+// over ATen's threads, each task's loops in the vector instruction set of ATen's kernels.
+template <typename Body>
+void for_each_work_item(const Geometry& g, const Body& body) {
+  at::parallel_for(0, g.batch * g.blocks, 1, [&](int64_t begin, int64_t end) {
+    with_cpu_isa([&] {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t l0 = (item % g.blocks) * kBlock;
+        body(item / g.blocks, l0, std::min(kBlock, g.positions - l0));
+      }
+    });
+  });
+}
+
 template <typename scalar_t>
 void forward_kernel(const scalar_t* a, const scalar_t* p, const scalar_t* ng, const scalar_t* w, scalar_t* out,
                     const Geometry& g, double margin) {
-  const int64_t items = g.batch * g.blocks;
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    with_cpu_isa([&] {
-      std::array<double, kBlock> pos_sq, neg_sq;
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t n = item / g.blocks;
-        const int64_t l0 = (item % g.blocks) * kBlock;
-        const int64_t width = std::min(kBlock, g.positions - l0);
-        squared_distances(a, p, ng, g, n, l0, width, pos_sq.data(), neg_sq.data());
-        for (int64_t j = 0; j < width; ++j) {
-          const double hinge = std::sqrt(pos_sq[j]) - std::sqrt(neg_sq[j]) + margin;
-          const int64_t idx = n * g.positions + l0 + j;
-          out[idx] = static_cast<scalar_t>(static_cast<double>(w[idx]) * std::max(hinge, 0.0));
-        }
-      }
-    });
+  for_each_work_item(g, [&](int64_t n, int64_t l0, int64_t width) {
+    std::array<double, kBlock> pos_sq, neg_sq;
+    squared_distances(a, p, ng, g, n, l0, width, pos_sq.data(), neg_sq.data());
+    for (int64_t j = 0; j < width; ++j) {
+      const double hinge = std::sqrt(pos_sq[j]) - std::sqrt(neg_sq[j]) + margin;
+      const int64_t idx = n * g.positions + l0 + j;
+      out[idx] = static_cast<scalar_t>(static_cast<double>(w[idx]) * std::max(hinge, 0.0));
+    }
   });
 }
 
@@ -90,43 +96,35 @@ inline void row_gradients(const T* __restrict__ a, const T* __restrict__ p, cons
 template <typename scalar_t>
 void backward_kernel(const scalar_t* grad, const scalar_t* a, const scalar_t* p, const scalar_t* ng, const scalar_t* w,
                      scalar_t* grad_a, scalar_t* grad_p, scalar_t* grad_n, const Geometry& g, double margin) {
-  const int64_t items = g.batch * g.blocks;
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    with_cpu_isa([&] {
-      std::array<double, kBlock> pos_coef, neg_coef;  // squared distances first, then g/d+ and g/d-
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t n = item / g.blocks;
-        const int64_t l0 = (item % g.blocks) * kBlock;
-        const int64_t width = std::min(kBlock, g.positions - l0);
-        squared_distances(a, p, ng, g, n, l0, width, pos_coef.data(), neg_coef.data());
-        for (int64_t j = 0; j < width; ++j) {
-          const double d_pos = std::sqrt(pos_coef[j]);
-          const double d_neg = std::sqrt(neg_coef[j]);
-          const int64_t idx = n * g.positions + l0 + j;
-          // An inactive hinge passes exactly 0 (not 0 * weight): a NaN or inf weight there gives a
-          // zero gradient, as the reference's clamp backward (and the CUDA kernel) do.
-          const bool active = d_pos - d_neg + margin >= 0.0;
-          const double upstream = active ? static_cast<double>(grad[idx]) * static_cast<double>(w[idx]) : 0.0;
-          // 0 where a distance is exactly 0 (vector_norm's subgradient); a NaN distance passes NaN
-          // to every channel, as the reference's norm backward (x / ||x||) does.
-          pos_coef[j] = distance_gradient_coefficient(upstream, d_pos);
-          neg_coef[j] = distance_gradient_coefficient(upstream, d_neg);
-        }
-        // The per-element products in the maps' dtype (the reference's autograd rounds them there
-        // too); the distances above stay accumulated in double.  Plain arrays of one dtype, so the
-        // compiler vectorises the loop.
-        std::array<scalar_t, kBlock> pos_scale, neg_scale;
-        for (int64_t j = 0; j < width; ++j) {
-          pos_scale[j] = static_cast<scalar_t>(pos_coef[j]);
-          neg_scale[j] = static_cast<scalar_t>(neg_coef[j]);
-        }
-        for (int64_t c = 0; c < g.channels; ++c) {
-          const int64_t base = (n * g.channels + c) * g.positions + l0;
-          row_gradients(a + base, p + base, ng + base, pos_scale.data(), neg_scale.data(), width, grad_a + base,
-                        grad_p + base, grad_n + base);
-        }
-      }
-    });
+  for_each_work_item(g, [&](int64_t n, int64_t l0, int64_t width) {
+    std::array<double, kBlock> pos_coef, neg_coef;  // squared distances first, then g/d+ and g/d-
+    squared_distances(a, p, ng, g, n, l0, width, pos_coef.data(), neg_coef.data());
+    for (int64_t j = 0; j < width; ++j) {
+      const double d_pos = std::sqrt(pos_coef[j]);
+      const double d_neg = std::sqrt(neg_coef[j]);
+      const int64_t idx = n * g.positions + l0 + j;
+      // An inactive hinge passes exactly 0 (not 0 * weight): a NaN or inf weight there gives a
+      // zero gradient, as the reference's clamp backward (and the CUDA kernel) do.
+      const bool active = d_pos - d_neg + margin >= 0.0;
+      const double upstream = active ? static_cast<double>(grad[idx]) * static_cast<double>(w[idx]) : 0.0;
+      // 0 where a distance is exactly 0 (vector_norm's subgradient); a NaN distance passes NaN
+      // to every channel, as the reference's norm backward (x / ||x||) does.
+      pos_coef[j] = distance_gradient_coefficient(upstream, d_pos);
+      neg_coef[j] = distance_gradient_coefficient(upstream, d_neg);
+    }
+    // The per-element products in the maps' dtype (the reference's autograd rounds them there
+    // too); the distances above stay accumulated in double.  Plain arrays of one dtype, so the
+    // compiler vectorises the loop.
+    std::array<scalar_t, kBlock> pos_scale, neg_scale;
+    for (int64_t j = 0; j < width; ++j) {
+      pos_scale[j] = static_cast<scalar_t>(pos_coef[j]);
+      neg_scale[j] = static_cast<scalar_t>(neg_coef[j]);
+    }
+    for (int64_t c = 0; c < g.channels; ++c) {
+      const int64_t base = (n * g.channels + c) * g.positions + l0;
+      row_gradients(a + base, p + base, ng + base, pos_scale.data(), neg_scale.data(), width, grad_a + base,
+                    grad_p + base, grad_n + base);
+    }
   });
 }
 
